@@ -1,0 +1,28 @@
+# The two README commands. Each creates .venv on a fresh machine when it is missing.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/widen_tiny.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/transform_speed.py
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,434 @@
+"""Block passes: trace one residual block with its submodules as leaves, find its residual updates, and
+rewrite them into GHC form.
+
+Tracing (``trace_block``)
+    ``torch.fx`` traces the block's own ``forward`` with every submodule (norms, attention, MLP, MoE) as an
+    opaque leaf, so only the block-level dataflow is recorded: the norms, the sublayer calls and the residual
+    adds. Hugging Face blocks take ``**kwargs``, caches and flags, which plain ``symbolic_trace`` cannot handle;
+    the trace is therefore specialized to one call signature (:class:`CallSpec`): tensors and other objects
+    (caches, ``(cos, sin)`` tuples) become placeholders, while ``None``, bools, numbers and strings are baked
+    in. A widened block keeps one compiled graph per signature and traces a new one the first time a new
+    signature arrives (training vs eval, with or without a KV cache).
+
+Matching (``find_residual_updates``)
+    Starting from the stream input ``s``, a residual update is an add tree whose leaves are ``s`` once plus
+    terms computed from ``s``: ``s + f(s)``, ``f(s) + s``, or parallel ``f1(s) + f2(s) + s`` (GPT-NeoX, GPT-J).
+    Its branch is every node between ``s`` and the terms (usually ``f(norm(s))``; OLMo-2 style
+    ``norm(f(s))`` works too). The result of the tree is the next ``s``. A stream that passes through a
+    normalization after the add (post-LN, BERT-style ``norm(s + f(s))``) is refused: it is not a residual
+    stream the over-width state can carry.
+
+Rewriting (``rewrite_block_graph``), one GHC per update (parallel branches share one)::
+
+    before:  y = s + f(norm(s))
+    after:   x, cc, wc = vwn_ghc.i.contract(s)          # torch.ops.vwn.ghc_read_*
+             y = vwn_ghc.i.expand(s, f(norm(x)), cc, wc)  # torch.ops.vwn.ghc_write
+
+The rewrite changes semantics only through the GHC parameters: with the function-preserving init the block
+computes, on the first ``D`` coordinates, exactly what it computed before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import linecache
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vwn_transform.config import UnsupportedModelError
+
+from .probe import is_norm_module
+
+__all__ = [
+    "CallSpec",
+    "ResidualUpdate",
+    "trace_block",
+    "find_residual_updates",
+    "rewrite_block_graph",
+    "compile_block_graph",
+    "BlockRunner",
+    "GHC_CONTAINER",
+]
+
+GHC_CONTAINER = "vwn_ghc"
+_CONST_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+_META_METHODS = {"size", "dim", "ndimension", "numel", "type", "get_device"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# call signatures
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """One call signature of a block: which arguments are runtime values and which are baked-in constants."""
+
+    key: tuple
+    positional: tuple  # per positional arg: ("dyn", placeholder name) or ("const", value)
+    keywords: tuple  # per keyword arg: (name, ("dyn", placeholder) or ("const", value))
+
+    @staticmethod
+    def from_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple["CallSpec", list]:
+        """Return the spec and the runtime values of its placeholders, in placeholder order."""
+        values: list = []
+        positional = []
+        for i, a in enumerate(args):
+            if isinstance(a, _CONST_TYPES):
+                positional.append(("const", a))
+            else:
+                positional.append(("dyn", f"arg{i}"))
+                values.append(a)
+        keywords = []
+        for name, a in kwargs.items():
+            if isinstance(a, _CONST_TYPES):
+                keywords.append((name, ("const", a)))
+            else:
+                keywords.append((name, ("dyn", f"kw_{name}")))
+                values.append(a)
+
+        def kind(entry):
+            return ("const", type(entry[1]), entry[1]) if entry[0] == "const" else ("dyn",)
+
+        key = (
+            block.training,
+            tuple(kind(p) for p in positional),
+            tuple((name, kind(e)) for name, e in keywords),
+        )
+        return CallSpec(key, tuple(positional), tuple(keywords)), values
+
+    def placeholder_names(self) -> list[str]:
+        names = [e[1] for e in self.positional if e[0] == "dyn"]
+        return names + [e[1] for _, e in self.keywords if e[0] == "dyn"]
+
+    def stream_placeholder(self) -> str:
+        """The residual stream: the first positional argument, else the ``hidden_states`` keyword."""
+        if self.positional:
+            kind, name = self.positional[0]
+            if kind == "dyn":
+                return name
+        for name, (kind, ph) in self.keywords:
+            if name == "hidden_states" and kind == "dyn":
+                return ph
+        raise UnsupportedModelError("the block was called without a tensor first argument or hidden_states keyword")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tracing
+# ------------------------------------------------------------------------------------------------------------
+class _LeafTracer(fx.Tracer):
+    """Traces a block's forward for one CallSpec with every submodule as a leaf."""
+
+    def __init__(self, spec: CallSpec, base_forward: Callable):
+        super().__init__()
+        self.spec = spec
+        self.base_forward = base_forward
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is not self.root
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        proxies = {name: self.create_proxy("placeholder", name, (), {}) for name in self.spec.placeholder_names()}
+
+        def value(entry):
+            return proxies[entry[1]] if entry[0] == "dyn" else entry[1]
+
+        spec, base_forward = self.spec, self.base_forward
+
+        def traced(root):
+            args = [value(e) for e in spec.positional]
+            kwargs = {name: value(e) for name, e in spec.keywords}
+            return base_forward(root, *args, **kwargs)
+
+        return traced, [self.root]
+
+
+def trace_block(block: nn.Module, spec: CallSpec, base_class: type | None = None) -> fx.Graph:
+    """FX graph of ``block.forward`` (of ``base_class``, default the block's class) for one call signature."""
+    base_forward = (base_class or type(block)).forward
+    tracer = _LeafTracer(spec, base_forward)
+    try:
+        return tracer.trace(block)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"could not trace {type(block).__name__}.forward with its submodules as leaves: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# matching
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ResidualUpdate:
+    """``result = stream + sum(terms)``, the terms computed by ``branch`` from ``stream``."""
+
+    stream: fx.Node
+    result: fx.Node  # top of the add tree
+    tree: list[fx.Node]  # add nodes of the tree, top first
+    terms: list[fx.Node]
+    branch: list[fx.Node]  # nodes between stream and terms, graph order
+    sublayers: tuple[str, ...]  # leaf modules called in the branch, graph order
+
+    @property
+    def parallel(self) -> bool:
+        return len(self.terms) > 1
+
+
+def _is_add(node: Any) -> bool:
+    if not isinstance(node, fx.Node) or node.kwargs:
+        return False
+    if node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+        return len(node.args) == 2
+    return node.op == "call_method" and node.target in ("add", "__add__", "add_") and len(node.args) == 2
+
+
+def _tree(top: fx.Node) -> tuple[list[fx.Node], list[Any]]:
+    """Add nodes (top first) and leaves of the add tree rooted at ``top``; inner adds must have one user."""
+    nodes, leaves = [], []
+
+    def visit(node):
+        nodes.append(node)
+        for a in node.args:
+            if _is_add(a) and len(a.users) == 1:
+                visit(a)
+            else:
+                leaves.append(a)
+
+    visit(top)
+    return nodes, leaves
+
+
+def _ancestors(nodes) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [n for n in nodes if isinstance(n, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _descendants(node: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [u for u in node.users if u not in stop]
+    while stack:
+        n = stack.pop()
+        if n in seen or n in stop:
+            continue
+        seen.add(n)
+        stack.extend(n.users)
+    return seen
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"submodule {node.target!r}"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    return f"{node.op} {node.target}"
+
+
+def _is_meta_use(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _META_METHODS:
+        return True
+    return node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in _META_ATTRS
+
+
+def find_residual_updates(graph: fx.Graph, block: nn.Module, stream_name: str, where: str) -> list[ResidualUpdate]:
+    """Match the chain of residual updates starting at placeholder ``stream_name`` (see module docstring)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    stream = next((n for n in graph.nodes if n.op == "placeholder" and n.target == stream_name), None)
+    if stream is None:
+        raise UnsupportedModelError(f"{where}: no stream placeholder {stream_name!r} in the traced graph")
+    updates: list[ResidualUpdate] = []
+    widths = {stream}  # the stream and its width-preserving reshapes
+    while True:
+        found = None
+        alias = _single_alias(stream, widths)
+        if alias is not None:  # e.g. OPT: hidden_states.reshape(-1, hidden_states.size(-1))
+            stream = alias
+            widths.add(alias)
+            continue
+        for user in list(stream.users):
+            if not _is_add(user):
+                continue
+            top = user
+            while len(top.users) == 1 and _is_add(next(iter(top.users))):
+                top = next(iter(top.users))
+            tree, leaves = _tree(top)
+            if sum(1 for leaf in leaves if leaf is stream) != 1:
+                continue
+            terms = [leaf for leaf in leaves if leaf is not stream]
+            term_ancestors = _ancestors(terms)
+            if not terms or stream not in term_ancestors:
+                continue
+            branch = (_descendants(stream, set(tree)) & term_ancestors) | {t for t in terms if isinstance(t, fx.Node)}
+            found = (top, tree, terms, branch)
+            break
+        if found is None:
+            break
+        top, tree, terms, branch = found
+        for user in stream.users:
+            if user in tree or user in branch or _is_meta_use(user):
+                continue
+            raise UnsupportedModelError(
+                f"{where}: the residual stream is used by {_describe(user)} outside the residual update "
+                f"{_describe(top)}; expected it to feed only the sublayer branch and the add"
+            )
+        branch_nodes = sorted(branch, key=order.__getitem__)
+        sublayers = tuple(n.target for n in branch_nodes if n.op == "call_module")
+        updates.append(ResidualUpdate(stream, top, tree, terms, branch_nodes, sublayers))
+        stream = top
+        widths.add(top)
+    if not updates:
+        adds = [n for n in graph.nodes if _is_add(n)]
+        raise UnsupportedModelError(
+            f"{where}: expected pre-norm residual updates s + f(norm(s)) on the stream input; found none "
+            f"({len(adds)} add(s) in the block, none of them adds the stream to a function of itself)"
+        )
+    for user in stream.users:
+        if user.op == "output" or _is_meta_use(user):
+            continue
+        if user.op == "call_module" and is_norm_module(block.get_submodule(user.target)):
+            raise UnsupportedModelError(
+                f"{where}: the block's residual sum goes through {_describe(user)} (a post-LN block, "
+                "norm(s + f(s))); expected pre-norm residual blocks s + f(norm(s))"
+            )
+        raise UnsupportedModelError(
+            f"{where}: after its last residual update the stream is used by {_describe(user)} before the block "
+            "returns; expected the block to return the residual sum"
+        )
+    return updates
+
+
+_ALIAS_METHODS = {"contiguous", "clone", "float", "to", "type_as"}
+_RESHAPE_METHODS = {"reshape", "view"}
+
+
+def _keeps_width(node: fx.Node, widths: set[fx.Node]) -> bool:
+    """Whether ``node`` re-shapes/re-types a stream node and keeps its last dimension."""
+    if node.op != "call_method" or not node.args or node.args[0] not in widths:
+        return False
+    if node.target in _ALIAS_METHODS:
+        return True
+    if node.target not in _RESHAPE_METHODS:
+        return False
+    shape = node.args[1:]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if len(shape) == 1 and isinstance(shape[0], fx.Node):  # x.view(s.shape): the full shape of a stream node
+        src = shape[0]
+        return src.op == "call_function" and src.target is getattr and src.args[0] in widths
+    last = shape[-1] if shape else None
+    if not isinstance(last, fx.Node):
+        return False
+    if last.op == "call_method" and last.target == "size" and last.args[0] in widths:  # x.size(-1)
+        return tuple(last.args[1:]) == (-1,)
+    return False
+
+
+def _single_alias(stream: fx.Node, widths: set[fx.Node]) -> fx.Node | None:
+    """The one width-preserving reshape the stream flows into, when that is its only real (non-shape) use."""
+    real = [u for u in stream.users if not _is_meta_use(u)]
+    if len(real) == 1 and _keeps_width(real[0], widths):
+        return real[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# rewriting and compiling
+# ------------------------------------------------------------------------------------------------------------
+def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate]) -> fx.Graph:
+    """Replace update i by GHC module ``vwn_ghc.i`` (contract before the branch, expand instead of the add)."""
+    replaced: dict[fx.Node, fx.Node] = {}  # erased add-tree tops -> the expand nodes standing in for them
+    for i, upd in enumerate(updates):
+        stream = replaced.get(upd.stream, upd.stream)
+        first = upd.branch[0]
+        with graph.inserting_before(first):
+            ghc = graph.get_attr(f"{GHC_CONTAINER}.{i}")
+            contracted = graph.call_method("contract", (ghc, stream))
+            x = graph.call_function(operator.getitem, (contracted, 0))
+            carry_c = graph.call_function(operator.getitem, (contracted, 1))
+            write_c = graph.call_function(operator.getitem, (contracted, 2))
+        for node in upd.branch:
+            if stream in node.all_input_nodes:
+                node.replace_input_with(stream, x)
+        with graph.inserting_before(upd.result):
+            z = upd.terms[0]
+            for term in upd.terms[1:]:
+                z = graph.call_function(operator.add, (z, term))
+            new_stream = graph.call_method("expand", (ghc, stream, z, carry_c, write_c))
+        for node, name in ((contracted, "ghc_in"), (x, "x"), (carry_c, "carry_c"), (write_c, "write_c"),
+                           (new_stream, "h")):
+            node.name = graph._graph_namespace.create_name(f"{name}_{i}", node)
+            node.meta["vwn_pass"] = "rewrite_block_graph"
+        upd.result.replace_all_uses_with(new_stream)
+        for node in upd.tree:
+            graph.erase_node(node)
+        replaced[upd.result] = new_stream
+    graph.lint()
+    return graph
+
+
+def compile_block_graph(graph: fx.Graph, name: str) -> tuple[Callable, str]:
+    """Python function ``forward(self, *placeholders)`` generated from the graph, and its source."""
+    code = graph.python_code(root_module="self")
+    filename = f"<vwn block {name}>"
+    globals_ = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), globals_)
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    return globals_["forward"], code.src
+
+
+class BlockRunner:
+    """Runs a widened block: picks (or builds, once per new call signature) the rewritten graph and calls it.
+
+    Holds no reference to the block (it receives it as ``self``), so deepcopy of a model copies it cheaply.
+    """
+
+    def __init__(self, name: str, sublayers: list[tuple[str, ...]]):
+        self.name = name
+        self.sublayers = [tuple(s) for s in sublayers]
+        self._compiled: dict[tuple, Callable] = {}
+        self.sources: dict[tuple, str] = {}
+
+    def build(self, block: nn.Module, spec: CallSpec, base_class: type) -> Callable:
+        where = f"{self.name} ({base_class.__name__})"
+        graph = trace_block(block, spec, base_class)
+        updates = find_residual_updates(graph, block, spec.stream_placeholder(), where)
+        found = [u.sublayers for u in updates]
+        if found != self.sublayers:
+            raise RuntimeError(
+                f"{where}: a call with a new signature traced to residual updates {found}, but the block was widened "
+                f"with {self.sublayers}; the block's structure depends on its arguments, which VWN cannot follow"
+            )
+        rewrite_block_graph(graph, updates)
+        fn, src = compile_block_graph(graph, self.name)
+        self._compiled[spec.key] = fn
+        self.sources[spec.key] = src
+        return fn
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
+        spec, values = CallSpec.from_call(block, args, kwargs)
+        fn = self._compiled.get(spec.key)
+        if fn is None:
+            fn = self.build(block, spec, type(block).vwn_base_class)
+        return fn(block, *values)
+
+    def __getstate__(self):
+        # generated functions are rebuilt on first use after unpickling
+        return {"name": self.name, "sublayers": self.sublayers, "_compiled": {}, "sources": {}}
+
+    def __deepcopy__(self, memo):
+        clone = BlockRunner(self.name, self.sublayers)
+        clone._compiled = dict(self._compiled)
+        clone.sources = dict(self.sources)
+        return clone

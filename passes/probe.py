@@ -1,0 +1,310 @@
+"""Capture pass: one instrumented forward on a short example finds the model-level structure.
+
+What it records (nothing in the model is changed; hooks are removed and training flags restored):
+
+* **blocks**: the children of one ``nn.ModuleList``/``nn.Sequential`` called in a chain, where the stream
+  tensor returned by block i is the tensor given to block i+1. Their call arguments seed the block traces.
+* **embeddings**: the modules whose outputs the stream entering block 0 is computed from. Every module with
+  parameters that runs before block 0 has its output replaced by a fresh autograd leaf; walking the autograd
+  graph of block 0's input back to those leaves gives the exact dataflow (token + position + type embeddings,
+  scaling, dropout), whatever the model-level Python code does.
+* **final**: the first module with parameters called on the last block's output (the final norm, or the head
+  when a model has none), where the reduce goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from vwn_transform.config import UnsupportedModelError
+
+__all__ = ["ModelStructure", "BlockCall", "probe_model", "default_example_inputs", "is_norm_module"]
+
+
+@dataclasses.dataclass
+class BlockCall:
+    name: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+
+
+@dataclasses.dataclass
+class ModelStructure:
+    hidden_size: int
+    container: str
+    blocks: list[BlockCall]
+    embeddings: list[str]
+    final: str
+    final_kind: str  # "norm" or "head"
+    head: str | None
+    example_inputs: tuple
+    reference_output: torch.Tensor | None  # the model's primary output on example_inputs
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Normalization modules: torch's own, and any class whose name says Norm (LlamaRMSNorm, T5LayerNorm, ...)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+        return True
+    return "norm" in type(module).__name__.lower()
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    if hasattr(value, "last_hidden_state"):  # HF ModelOutput
+        return value.last_hidden_state
+    return None
+
+
+def _stream_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hs = kwargs.get("hidden_states")
+    if isinstance(hs, torch.Tensor):
+        return hs
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v
+    return None
+
+
+def primary_output(out: Any) -> torch.Tensor | None:
+    """The tensor a model's output is judged by: ``logits`` for HF outputs, else the first tensor."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return _first_tensor(out)
+
+
+def _restore_training(model: nn.Module):
+    flags = {mod: mod.training for mod in model.modules()}
+
+    def restore():
+        for mod, flag in flags.items():
+            mod.training = flag
+
+    return restore
+
+
+def run_quietly(model: nn.Module, example_inputs: tuple) -> Any:
+    """Forward in eval mode without grad; training flags are restored afterwards."""
+    restore = _restore_training(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(*example_inputs)
+    finally:
+        restore()
+
+
+def default_example_inputs(model: nn.Module, seq_len: int = 8) -> tuple:
+    """A token batch ``[1, seq_len]`` for models fed with token ids (first nn.Embedding gives vocab and device)."""
+    emb = None
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            emb = getter()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    if not isinstance(emb, nn.Embedding):
+        emb = next((mod for mod in model.modules() if isinstance(mod, nn.Embedding)), None)
+    if emb is None:
+        raise UnsupportedModelError(
+            f"cannot build example inputs for {type(model).__name__}: expected a token model with an nn.Embedding, "
+            "found none; pass example_inputs=(tensor, ...) to widen()/plan()"
+        )
+    ids = (torch.arange(seq_len, device=emb.weight.device) * 7 + 1) % emb.num_embeddings  # [seq]
+    return (ids.unsqueeze(0),)  # [1, seq]
+
+
+def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelStructure:
+    """Run one forward with hooks and return the model-level structure (see module docstring)."""
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    elif not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+
+    names = {mod: name for name, mod in model.named_modules(remove_duplicate=False)}
+    calls: list[tuple[str, nn.Module, tuple, dict]] = []  # pre-hook order
+    outputs: dict[int, Any] = {}  # index in calls -> output
+    leaves: dict[int, str] = {}  # id(autograd leaf) -> module name
+    leaf_tensors: list[torch.Tensor] = []
+    first_block_seen = [False]
+    containers = {
+        name: mod for name, mod in model.named_modules() if isinstance(mod, (nn.ModuleList, nn.Sequential))
+    }
+    container_children = {id(child): cname for cname, c in containers.items() for child in c.children()}
+
+    def pre_hook(mod, args, kwargs):
+        calls.append((names.get(mod, "?"), mod, args, kwargs))
+        if id(mod) in container_children:
+            first_block_seen[0] = True
+        mod._vwn_probe_index = len(calls) - 1
+
+    def post_hook(mod, args, kwargs, out):
+        idx = mod.__dict__.pop("_vwn_probe_index", None)
+        if idx is not None:
+            outputs[idx] = out
+        # Before the first block: cut autograd at every module that owns parameters, so the walk from block 0's
+        # input stops at the modules whose outputs it is computed from.
+        if not first_block_seen[0] and isinstance(out, torch.Tensor) and out.is_floating_point() and \
+                any(True for _ in mod.parameters(recurse=False)):
+            leaf = out.detach().requires_grad_(True)
+            leaves[id(leaf)] = names.get(mod, "?")
+            leaf_tensors.append(leaf)
+            return leaf
+        return out
+
+    handles = []
+    restore = _restore_training(model)
+    try:
+        for mod in model.modules():
+            handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
+        model.eval()  # no dropout, no RNG use, no running-stat updates
+        with torch.enable_grad():
+            try:
+                out = model(*example_inputs)
+            except Exception as exc:  # the user's forward failed on our example: say which input we used
+                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs]
+                raise UnsupportedModelError(
+                    f"the probe forward of {type(model).__name__} on example inputs {shapes} failed with "
+                    f"{type(exc).__name__}: {exc}; pass example_inputs= that the model's forward accepts"
+                ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        restore()
+        for mod in model.modules():
+            mod.__dict__.pop("_vwn_probe_index", None)
+
+    blocks = _find_block_chain(model, calls, outputs, containers)
+    first_idx, last_idx = blocks[0][0], blocks[-1][0]
+    stream_in = _stream_arg(calls[first_idx][2], calls[first_idx][3])
+    hidden = stream_in.shape[-1]
+    embeddings = _find_embeddings(stream_in, leaves)
+    if not embeddings:
+        raise UnsupportedModelError(
+            f"could not find the embeddings feeding the residual stream of {type(model).__name__}: the input of "
+            f"{calls[first_idx][0]} is not computed from any nn.Embedding"
+        )
+    for name in embeddings:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, nn.Embedding):
+            raise UnsupportedModelError(
+                f"the residual stream entering {calls[first_idx][0]} is computed from {name} "
+                f"({type(mod).__name__}); expected only nn.Embedding modules (token/position/type embeddings)"
+            )
+        if mod.embedding_dim != hidden:
+            raise UnsupportedModelError(
+                f"embedding {name} has width {mod.embedding_dim} but the residual stream has width {hidden}; "
+                "expected embeddings of the stream width"
+            )
+
+    block_names = {name for _, name in blocks}
+    final_idx = None
+    last_out = _first_tensor(outputs.get(last_idx))
+    for i in range(last_idx + 1, len(calls)):
+        name, mod, args, kwargs = calls[i]
+        if any(name == b or name.startswith(b + ".") for b in block_names):
+            continue
+        if not any(True for _ in mod.parameters(recurse=True)):
+            continue
+        inp = _stream_arg(args, kwargs)
+        if inp is not None and last_out is not None and inp.shape[-1] == hidden and \
+                inp.data_ptr() == last_out.data_ptr():
+            final_idx = i
+            break
+    if final_idx is None:
+        raise UnsupportedModelError(
+            f"expected a final norm or head applied to the residual stream after {blocks[-1][1]}; "
+            "found no module consuming it"
+        )
+    final_name, final_mod = calls[final_idx][0], calls[final_idx][1]
+    if is_norm_module(final_mod):
+        final_kind = "norm"
+    elif isinstance(final_mod, nn.Linear) and final_mod.in_features == hidden:
+        final_kind = "head"
+    else:
+        raise UnsupportedModelError(
+            f"expected the residual stream after {blocks[-1][1]} to enter a norm or a linear head, found "
+            f"{final_name} ({type(final_mod).__name__})"
+        )
+    head = None
+    for i in range(final_idx + (1 if final_kind == "norm" else 0), len(calls)):
+        name, mod = calls[i][0], calls[i][1]
+        if isinstance(mod, nn.Linear) and mod.in_features == hidden:
+            head = name
+            break
+    return ModelStructure(
+        hidden_size=hidden,
+        container=blocks[0][1].rsplit(".", 1)[0] if "." in blocks[0][1] else "",
+        blocks=[BlockCall(name, calls[i][1], calls[i][2], calls[i][3]) for i, name in blocks],
+        embeddings=embeddings,
+        final=final_name,
+        final_kind=final_kind,
+        head=head,
+        example_inputs=example_inputs,
+        reference_output=None if primary_output(out) is None else primary_output(out).detach(),
+    )
+
+
+def _find_block_chain(model, calls, outputs, containers) -> list[tuple[int, str]]:
+    """The longest chain of container children where each block's output stream is the next block's input."""
+    best: list[tuple[int, str]] = []
+    best_container = None
+    for cname, container in containers.items():
+        children = {id(c): f"{cname}.{n}" if cname else n for n, c in container.named_children()}
+        chain: list[tuple[int, str]] = []
+        for i, (name, mod, args, kwargs) in enumerate(calls):
+            if id(mod) not in children or name != children[id(mod)]:
+                continue
+            out = _first_tensor(outputs.get(i))
+            inp = _stream_arg(args, kwargs)
+            if out is None or inp is None or out.shape != inp.shape:
+                chain = []
+                continue
+            if chain:
+                prev_out = _first_tensor(outputs.get(chain[-1][0]))
+                if prev_out is not inp:
+                    chain = []
+            chain.append((i, name))
+        if len(chain) > len(best):
+            best, best_container = chain, cname
+    if not best:
+        found = sorted(containers) or ["no nn.ModuleList/nn.Sequential"]
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no residual stream: expected a stack of blocks (children of an "
+            f"nn.ModuleList or nn.Sequential, each mapping a [..., D] stream to [..., D]) called in sequence; "
+            f"found containers {found} and none forms such a chain"
+        )
+    del best_container
+    return best
+
+
+def _find_embeddings(stream_in: torch.Tensor, leaves: dict[int, str]) -> list[str]:
+    """Names of the modules whose (leaf-replaced) outputs the tensor is computed from, in discovery order."""
+    found: list[str] = []
+    if id(stream_in) in leaves:
+        return [leaves[id(stream_in)]]
+    seen = set()
+    stack = [stream_in.grad_fn] if stream_in.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in leaves:
+            if leaves[id(var)] not in found:
+                found.append(leaves[id(var)])
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found

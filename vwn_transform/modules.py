@@ -1,0 +1,235 @@
+"""nn.Modules that hold VWN parameters: the GHC module and the class mixins widen() swaps onto existing modules.
+
+widen() keeps every original module where it was (same path, same parameters, same class by ``isinstance``):
+it swaps the module's class to a generated subclass that adds the VWN behaviour and registers the new
+parameters next to the old ones. So ``model.embed_tokens.weight`` stays the tied head's parameter and the
+state_dict of a widened model is the original one plus ``*.vwn_*`` entries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vwn_transform.ops  # noqa: F401  (registers torch.ops.vwn.*)
+
+__all__ = ["GHC", "SlotRMSNorm", "WideEmbedding", "swap_class", "is_vwn_module"]
+
+
+class SlotRMSNorm(nn.Module):
+    """RMS norm over each slot of width ``d``; its gain is shared by all slots. Holds ``weight`` ``[d]``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [..., n, d] -> normalized over d
+        hf = h.float()
+        return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(h.dtype)
+
+
+class GHC(nn.Module):
+    """Generalized Hyper-Connection around one residual sublayer (vwn-math.md).
+
+    ``forward(h)`` takes the over-width state ``[..., n*dim/m]``, reads the backbone input ``x`` ``[..., dim]``,
+    calls ``sublayer(x)`` and writes its output back: ``H' = B(H)^T Z + Carry(H)^T H``.
+    Parameters: ``read`` (n, m), ``carry`` (n, n), ``write`` (m, n); when dynamic also ``proj`` (dim/m, 2m+n),
+    ``scale_read``, ``scale_carry``, ``scale_write`` and ``norm.weight`` (dim/m). Paper init by default
+    (which is also the function-preserving one: the first m slots follow the original residual stream).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from vwn_transform import GHC
+        >>> ffn = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 64))
+        >>> ghc = GHC(ffn, dim=64, n=3, m=2)          # ratio 1.5, slot width 32
+        >>> h = torch.randn(2, 5, 96)                   # [batch, seq, n*dim/m]
+        >>> ghc(h).shape
+        torch.Size([2, 5, 96])
+
+    ``contract(h)`` and ``expand(h, z, carry_c, write_c)`` are the two halves, used by graph rewrites where
+    the sublayer is not one callable.
+    """
+
+    def __init__(self, sublayer: nn.Module | None, dim: int, n: int, m: int, dynamic: bool = True,
+                 eps: float = 1e-6):
+        super().__init__()
+        for name, v in (("dim", dim), ("n", n), ("m", m)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GHC {name} must be a positive int, got {v!r}")
+        if dim % m:
+            raise ValueError(f"GHC m={m} must divide dim={dim} (slot width = dim/m)")
+        if n < m:
+            raise ValueError(f"GHC needs n >= m, got n={n}, m={m}")
+        if sublayer is not None and not callable(sublayer):
+            raise TypeError(f"GHC sublayer must be callable or None, got {type(sublayer).__name__}")
+        self.sublayer = sublayer
+        self.dim, self.n, self.m, self.dynamic, self.eps = dim, n, m, dynamic, eps
+        d = dim // m
+        self.read = nn.Parameter(torch.empty(n, m))
+        self.carry = nn.Parameter(torch.empty(n, n))
+        self.write = nn.Parameter(torch.empty(m, n))
+        if dynamic:
+            self.proj = nn.Parameter(torch.empty(d, 2 * m + n))
+            self.scale_read = nn.Parameter(torch.empty(n, m))
+            self.scale_carry = nn.Parameter(torch.empty(n, n))
+            self.scale_write = nn.Parameter(torch.empty(m, n))
+            self.norm = SlotRMSNorm(d, eps)
+        self.reset_parameters()
+
+    @property
+    def slot_width(self) -> int:
+        return self.dim // self.m
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Paper init: read ``[I_m; 0]``, carry ``I_n``, write ``B[i, k] = (k mod m == i)``, ``W = 0``, gates 1."""
+        n, m = self.n, self.m
+        self.read.zero_()
+        self.read[:m].copy_(torch.eye(m))
+        self.carry.copy_(torch.eye(n))
+        k = torch.arange(n)
+        self.write.copy_((k[None, :] % m == torch.arange(m)[:, None]).to(self.write.dtype))
+        if self.dynamic:
+            self.proj.zero_()
+            self.scale_read.fill_(1.0)
+            self.scale_carry.fill_(1.0)
+            self.scale_write.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    def _check_state(self, h: torch.Tensor) -> None:
+        width = self.n * self.slot_width
+        if h.shape[-1] != width:
+            raise ValueError(
+                f"GHC expects an over-width state of last dimension n*dim/m = {self.n}*{self.dim}/{self.m} = "
+                f"{width}, got shape {tuple(h.shape)}"
+            )
+
+    def contract(self, h: torch.Tensor):
+        """``h [..., n*d] -> (x [..., m*d], carry_c, write_c)``: the backbone input and the mixing coefficients."""
+        self._check_state(h)
+        if self.dynamic:
+            return torch.ops.vwn.ghc_read_dynamic(
+                h, self.norm.weight, self.proj, self.read, self.carry, self.write,
+                self.scale_read, self.scale_carry, self.scale_write, self.eps,
+            )
+        return torch.ops.vwn.ghc_read_static(h, self.read), self.carry, self.write.t()
+
+    def expand(self, h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor):
+        """``H' = WriteT Z + Carry^T H``: ``[..., n*d]``, ``[..., m*d]`` -> ``[..., n*d]``."""
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"GHC sublayer output must have last dimension dim={self.dim}, got {tuple(z.shape)}")
+        return torch.ops.vwn.ghc_write(h, z, carry_c, write_c)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.sublayer is None:
+            raise RuntimeError("this GHC has no sublayer; call contract()/expand() around the sublayer yourself")
+        x, carry_c, write_c = self.contract(h)
+        return self.expand(h, self.sublayer(x), carry_c, write_c)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n={self.n}, m={self.m}, dynamic={self.dynamic}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# class mixins swapped onto existing modules
+# ------------------------------------------------------------------------------------------------------------
+class VWNMixin:
+    """Marker base of every class widen() swaps onto a module."""
+
+    vwn_base_class: type
+
+
+class WideEmbedding(VWNMixin, nn.Embedding):
+    """An embedding whose output is over-width ``[..., D']``.
+
+    table:      ``[lookup(ids) | vwn_extra[ids]]`` (the original table is block 0, so a tied head stays tied)
+    factorized: ``lookup(ids) @ vwn_expand^T`` with ``vwn_expand`` ``[D', D]``
+
+    Swapped in *below* the module's own class (``VWNOPTLearnedPositionalEmbedding(OPTLearned..., WideEmbedding)``)
+    so it sees the indices that reach ``nn.Embedding.forward`` after any subclass logic (position offsets,
+    scaling), and the subclass's post-processing (e.g. Gemma 3's embedding scale) applies to all slots.
+    """
+
+    vwn_mode: str
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        base = super().forward(input)  # [..., D]
+        if self.vwn_mode == "table":
+            extra = F.embedding(input, self.vwn_extra)  # [..., D' - D]
+            return torch.cat([base, extra.to(base.dtype)], dim=-1)  # [..., D']
+        return F.linear(base, self.vwn_expand.to(base.dtype))  # [..., D']
+
+
+class ReduceMixin(VWNMixin):
+    """Applies the over-width reduce ``W_reduce @ group_norm(h')`` before the module's own forward.
+
+    With ``vwn_pad_output`` the result is zero-padded back to ``D'`` (for models whose code reshapes the
+    normed state with the width it saw at the embedding, like GPT-2); the head then reads the first ``D``.
+    """
+
+    vwn_group_size: int
+    vwn_pad_output: bool = False
+
+    def forward(self, hidden_states, *args, **kwargs):
+        h = hidden_states
+        wide = h.shape[-1]
+        if getattr(self, "vwn_group_norm_weight", None) is not None:
+            g = self.vwn_group_size
+            hf = h.float().unflatten(-1, (-1, g))  # [..., D'] -> [..., D'/D, D]
+            hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
+            h = (hf.flatten(-2) * self.vwn_group_norm_weight.float()).to(h.dtype)  # [..., D']
+        x = F.linear(h, self.vwn_reduce.to(h.dtype))  # [..., D]
+        out = super().forward(x, *args, **kwargs)
+        if self.vwn_pad_output:
+            out = F.pad(out, (0, wide - out.shape[-1]))  # [..., D] -> [..., D'] (zeros)
+        return out
+
+
+class SliceInputMixin(VWNMixin):
+    """A head fed by a padded reduce: reads the first ``vwn_in_features`` features of its input."""
+
+    vwn_in_features: int
+
+    def forward(self, input, *args, **kwargs):
+        return super().forward(input[..., : self.vwn_in_features], *args, **kwargs)
+
+
+class WidenedBlockMixin(VWNMixin):
+    """A residual block whose forward runs the rewritten graph (see ``passes.block_graph``)."""
+
+    def forward(self, *args, **kwargs):
+        return self.vwn_runner(self, args, kwargs)
+
+
+_class_cache: dict[tuple[type, type], type] = {}
+
+
+def swap_class(module: nn.Module, mixin: type) -> type:
+    """Give ``module`` a generated subclass of its class that adds ``mixin``; returns the old class.
+
+    A mixin that is itself a module class (``WideEmbedding``) goes *below* the module's class in the MRO, so
+    the class's own forward runs first and calls into it; a plain mixin goes first and wraps the forward.
+    """
+    base = type(module)
+    key = (mixin, base)
+    cls = _class_cache.get(key)
+    if cls is None:
+        if issubclass(mixin, nn.Module):
+            module_base = next(b for b in mixin.__bases__ if issubclass(b, nn.Module))
+            if not issubclass(base, module_base):
+                raise TypeError(f"{mixin.__name__} applies to {module_base.__name__} modules, got {base.__name__}")
+            bases = (mixin,) if base is module_base else (base, mixin)
+        else:
+            bases = (mixin, base)
+        cls = type(f"VWN{base.__name__}", bases, {"vwn_base_class": base, "__module__": base.__module__})
+        _class_cache[key] = cls
+    module.__class__ = cls
+    return base
+
+
+def is_vwn_module(module: nn.Module) -> bool:
+    return isinstance(module, (VWNMixin, GHC))

@@ -1,0 +1,277 @@
+"""The op boundary: GHC math as ``torch.library`` custom ops (``torch.ops.vwn.*``).
+
+Passes and modules call these ops, never Python closures, so that Dynamo does not graph-break,
+``torch.export`` carries them as opaque nodes, a compile backend can match them by identity and ONNX export
+can translate them. Each op has a fake (meta) implementation and a registered autograd formula whose backward
+is itself a custom op.
+
+Which implementation runs is chosen explicitly, never by silent fallback:
+
+* ``VWN_IMPL=reference`` (or :func:`set_impl`): the plain-PyTorch math in ``vwn_transform.kernels.reference``.
+* ``VWN_IMPL=triton``: the fused Triton kernels. Not implemented yet: raises ``RuntimeError``.
+* ``VWN_IMPL=auto`` (default): the reference on every device for now (Triton kernels are a later issue).
+
+The choice is logged once per (op, implementation) and is queryable with :func:`implementations_used`.
+
+Shapes (flat, as the model carries them): ``h`` ``[..., n*d]``, ``x``/``z`` ``[..., m*d]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from vwn_transform.kernels import reference
+
+__all__ = [
+    "IMPLS",
+    "current_impl",
+    "implementations_used",
+    "reset_implementations_used",
+    "set_impl",
+]
+
+log = logging.getLogger("vwn_transform")
+
+IMPLS = ("auto", "reference", "triton")
+_impl_override: str | None = None
+_used: dict[str, str] = {}
+
+
+def set_impl(impl: str | None) -> None:
+    """Select the GHC implementation for this process (``None`` returns control to ``VWN_IMPL``)."""
+    global _impl_override
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    _impl_override = impl
+
+
+def current_impl() -> str:
+    """The requested implementation: the :func:`set_impl` override, else ``VWN_IMPL``, else ``auto``."""
+    impl = _impl_override if _impl_override is not None else os.environ.get("VWN_IMPL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"VWN_IMPL must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def implementations_used() -> dict[str, str]:
+    """``{op name: implementation}`` for every GHC op that has run in this process."""
+    return dict(_used)
+
+
+def reset_implementations_used() -> None:
+    _used.clear()
+
+
+def _resolve(op_name: str, tensor: torch.Tensor) -> str:
+    requested = current_impl()
+    if requested == "triton":
+        raise RuntimeError(
+            f"VWN_IMPL=triton was requested for vwn::{op_name}, but the Triton GHC kernels are not part of this "
+            "build yet; use VWN_IMPL=reference or VWN_IMPL=auto"
+        )
+    chosen = "reference"
+    if _used.get(op_name) != chosen:
+        log.info("vwn::%s runs the %s implementation (VWN_IMPL=%s, device %s)", op_name, chosen, requested,
+                 tensor.device.type)
+        _used[op_name] = chosen
+    return chosen
+
+
+def _tokens(h: torch.Tensor, slots: int) -> torch.Tensor:
+    # [..., slots*d] -> [N, slots, d]
+    if h.shape[-1] % slots:
+        raise ValueError(f"last dimension {h.shape[-1]} is not a multiple of the {slots} slots")
+    return h.reshape(-1, slots, h.shape[-1] // slots)
+
+
+def _coef(c: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    # static [rows, cols] stays; dynamic [..., rows, cols] -> [N, rows, cols]
+    return c if c.dim() == 2 else c.reshape(-1, rows, cols)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dynamic read: coefficients + X = Read^T H
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vwn::ghc_read_dynamic", mutates_args=())
+def ghc_read_dynamic(
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    proj: torch.Tensor,
+    read: torch.Tensor,
+    carry: torch.Tensor,
+    write: torch.Tensor,
+    scale_read: torch.Tensor,
+    scale_carry: torch.Tensor,
+    scale_write: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _resolve("ghc_read_dynamic", h)
+    n, m = read.shape
+    lead = h.shape[:-1]
+    x, carry_c, write_c = reference.read_dynamic(
+        _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
+    )
+    # [N, m, d] -> [..., m*d]; coefficients [N, ., .] -> [..., ., .]
+    return x.reshape(*lead, -1), carry_c.reshape(*lead, n, n), write_c.reshape(*lead, n, m)
+
+
+@ghc_read_dynamic.register_fake
+def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
+    n, m = read.shape
+    lead = h.shape[:-1]
+    x = h.new_empty((*lead, h.shape[-1] // n * m))
+    return x, h.new_empty((*lead, n, n), dtype=torch.float32), h.new_empty((*lead, n, m), dtype=torch.float32)
+
+
+@torch.library.custom_op("vwn::ghc_read_dynamic_backward", mutates_args=())
+def ghc_read_dynamic_backward(
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    proj: torch.Tensor,
+    read: torch.Tensor,
+    carry: torch.Tensor,
+    write: torch.Tensor,
+    scale_read: torch.Tensor,
+    scale_carry: torch.Tensor,
+    scale_write: torch.Tensor,
+    eps: float,
+    grad_x: torch.Tensor,
+    grad_carry_c: torch.Tensor,
+    grad_write_c: torch.Tensor,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor,
+]:
+    _resolve("ghc_read_dynamic_backward", h)
+    n, m = read.shape
+    grads = reference.read_dynamic_backward(
+        _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,
+        _tokens(grad_x, m), grad_carry_c.reshape(-1, n, n), grad_write_c.reshape(-1, n, m),
+    )
+    return (grads[0].reshape(h.shape), *grads[1:])
+
+
+@ghc_read_dynamic_backward.register_fake
+def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, gx, gc, gw):
+    params = (norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    return (torch.empty_like(h),) + tuple(torch.empty_like(p) for p in params)
+
+
+def _read_dynamic_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9])
+    ctx.eps = inputs[9]
+
+
+def _read_dynamic_bwd(ctx, grad_x, grad_carry_c, grad_write_c):
+    saved = ctx.saved_tensors
+    h, read = saved[0], saved[3]
+    n, m = read.shape
+    lead = h.shape[:-1]
+    # autograd hands None for outputs that did not reach the loss
+    if grad_x is None:
+        grad_x = h.new_zeros((*lead, h.shape[-1] // n * m))
+    if grad_carry_c is None:
+        grad_carry_c = h.new_zeros((*lead, n, n), dtype=torch.float32)
+    if grad_write_c is None:
+        grad_write_c = h.new_zeros((*lead, n, m), dtype=torch.float32)
+    grads = torch.ops.vwn.ghc_read_dynamic_backward(*saved, ctx.eps, grad_x, grad_carry_c, grad_write_c)
+    return (*grads, None)
+
+
+torch.library.register_autograd("vwn::ghc_read_dynamic", _read_dynamic_bwd, setup_context=_read_dynamic_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# static read: X = A_read^T H
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vwn::ghc_read_static", mutates_args=())
+def ghc_read_static(h: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    _resolve("ghc_read_static", h)
+    n, m = read.shape
+    return reference.read_static(_tokens(h, n), read).reshape(*h.shape[:-1], -1)
+
+
+@ghc_read_static.register_fake
+def _(h, read):
+    n, m = read.shape
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // n * m))
+
+
+@torch.library.custom_op("vwn::ghc_read_static_backward", mutates_args=())
+def ghc_read_static_backward(
+    h: torch.Tensor, read: torch.Tensor, grad_x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _resolve("ghc_read_static_backward", h)
+    n, m = read.shape
+    g_h, g_read = reference.read_static_backward(_tokens(h, n), read, _tokens(grad_x, m))
+    return g_h.reshape(h.shape), g_read
+
+
+@ghc_read_static_backward.register_fake
+def _(h, read, grad_x):
+    return torch.empty_like(h), torch.empty_like(read)
+
+
+def _read_static_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _read_static_bwd(ctx, grad_x):
+    h, read = ctx.saved_tensors
+    return tuple(torch.ops.vwn.ghc_read_static_backward(h, read, grad_x))
+
+
+torch.library.register_autograd("vwn::ghc_read_static", _read_static_bwd, setup_context=_read_static_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# write + carry: H' = WriteT @ Z + Carry^T @ H (static coefficients are 2-D and broadcast over tokens)
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vwn::ghc_write", mutates_args=())
+def ghc_write(h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor) -> torch.Tensor:
+    _resolve("ghc_write", h)
+    n, m = write_c.shape[-2:]
+    out = reference.write(_tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m))
+    return out.reshape(h.shape)
+
+
+@ghc_write.register_fake
+def _(h, z, carry_c, write_c):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("vwn::ghc_write_backward", mutates_args=())
+def ghc_write_backward(
+    h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _resolve("ghc_write_backward", h)
+    n, m = write_c.shape[-2:]
+    g_h, g_z, g_c, g_w = reference.write_backward(
+        _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), _tokens(grad_out, n)
+    )
+    return g_h.reshape(h.shape), g_z.reshape(z.shape), g_c.reshape(carry_c.shape), g_w.reshape(write_c.shape)
+
+
+@ghc_write_backward.register_fake
+def _(h, z, carry_c, write_c, grad_out):
+    return torch.empty_like(h), torch.empty_like(z), torch.empty_like(carry_c), torch.empty_like(write_c)
+
+
+def _write_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _write_bwd(ctx, grad_out):
+    return tuple(torch.ops.vwn.ghc_write_backward(*ctx.saved_tensors, grad_out))
+
+
+torch.library.register_autograd("vwn::ghc_write", _write_bwd, setup_context=_write_setup)
+
+
+def op_names() -> Sequence[str]:
+    """Qualified names of the forward ops (what passes insert and backends match)."""
+    return ("vwn::ghc_read_dynamic", "vwn::ghc_read_static", "vwn::ghc_write")

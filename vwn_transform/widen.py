@@ -1,0 +1,492 @@
+"""``widen()`` and ``plan()``: orchestration of the capture, matching and rewrite passes."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+import time
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import nn
+
+from vwn_transform.config import UnsupportedModelError, VWNConfig, choose_slots, parse_ratio
+from vwn_transform.modules import (
+    GHC,
+    ReduceMixin,
+    SliceInputMixin,
+    WideEmbedding,
+    WidenedBlockMixin,
+    is_vwn_module,
+    swap_class,
+)
+from vwn_transform.passes.block_graph import (
+    GHC_CONTAINER,
+    BlockRunner,
+    CallSpec,
+    ResidualUpdate,
+    compile_block_graph,
+    find_residual_updates,
+    rewrite_block_graph,
+    trace_block,
+)
+from vwn_transform.passes.probe import ModelStructure, primary_output, probe_model, run_quietly
+
+__all__ = ["widen", "plan", "WidenPlan", "ghc_params", "ghc_flops_per_token"]
+
+log = logging.getLogger("vwn_transform")
+
+# Names used by public hyper-connection libraries (HC, mHC, Frac-Connections) for their modules and parameters.
+_HC_MODULE = re.compile(r"hyper.?connect|manifold.?constrained|frac.?connect|\bmhc", re.IGNORECASE)
+_HC_PARAM = re.compile(r"(^|\.)(static|dynamic)_(alpha|beta)$")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# cost model (vwn-math.md, "Costs per GHC module")
+# ------------------------------------------------------------------------------------------------------------
+def ghc_params(hidden: int, m: int, n: int, dynamic: bool) -> int:
+    """Parameters of one GHC module: ``2n(2m+n) + (D/m)(2m+n+1)`` dynamic, ``nm + n^2 + mn`` static."""
+    if dynamic:
+        return 2 * n * (2 * m + n) + (hidden // m) * (2 * m + n + 1)
+    return 2 * n * m + n * n
+
+
+def ghc_flops_per_token(hidden: int, m: int, n: int, dynamic: bool) -> int:
+    """FLOPs of one GHC module per token: ``(2nD/m)(3m+2n+2) + 2nD`` dynamic; read + carry + write static."""
+    if dynamic:
+        return (2 * n * hidden // m) * (3 * m + 2 * n + 2) + 2 * n * hidden
+    return (2 * n * hidden // m) * (m + n) + 2 * n * hidden
+
+
+@dataclasses.dataclass
+class EmbeddingPlan:
+    name: str
+    kind: str
+    num_embeddings: int
+    tied_to: str | None
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    name: str
+    kind: str
+    updates: list[tuple[str, ...]]  # per residual update: the submodules its branch calls
+    parallel: list[bool]  # per residual update: several branches summed into one update (GPT-NeoX, GPT-J)
+
+
+@dataclasses.dataclass
+class WidenPlan:
+    """What widen() does to a model; ``str(plan)`` is a readable report."""
+
+    model_class: str
+    config: VWNConfig
+    embeddings: list[EmbeddingPlan]
+    blocks: list[BlockPlan]
+    final: str
+    final_kind: str
+    head: str | None
+    params_original: int
+    params_added: int
+    flops_original_per_token: int
+    flops_added_per_token: int
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_ghc(self) -> int:
+        return sum(len(b.updates) for b in self.blocks)
+
+    def __str__(self) -> str:
+        c = self.config
+        d = c.hidden_size
+        lines = [
+            f"VWN plan for {self.model_class}",
+            f"  ratio r = n/m = {c.n}/{c.m} = {float(c.ratio):g}; hidden D = {d}, slot width d = {d // c.m}, "
+            f"over-width D' = {c.n * d // c.m}",
+            f"  GHC: {'dynamic' if c.dynamic else 'static'}, init={c.init}, embedding={c.embedding}, "
+            f"group norm={'on' if c.use_group_norm() else 'off'}",
+            "  embeddings widened:",
+        ]
+        for e in self.embeddings:
+            tie = f", tied to {e.tied_to}" if e.tied_to else ""
+            lines.append(f"    {e.name} ({e.kind}, {e.num_embeddings} rows{tie})")
+        lines.append(f"  residual sublayers: {self.num_ghc} GHC modules in {len(self.blocks)} blocks")
+        shown = self.blocks if len(self.blocks) <= 4 else self.blocks[:2] + [None] + self.blocks[-1:]
+        for b in shown:
+            if b is None:
+                lines.append(f"    ... {len(self.blocks) - 3} more blocks of the same form")
+                continue
+            ups = "; ".join(" -> ".join(u) + (" (parallel)" if par else "") for u, par in zip(b.updates, b.parallel))
+            lines.append(f"    {b.name} ({b.kind}): {ups}")
+        where = "before the final norm" if self.final_kind == "norm" else "before the head (no final norm)"
+        lines.append(f"  reduce D' -> D inserted {where}: {self.final}")
+        if self.head:
+            lines.append(f"  head: {self.head}")
+        pct = 100.0 * self.params_added / max(self.params_original, 1)
+        fpct = 100.0 * self.flops_added_per_token / max(self.flops_original_per_token, 1)
+        lines.append(f"  parameters: {self.params_original:,} + {self.params_added:,} ({pct:.2f}%)")
+        lines.append(
+            f"  FLOPs/token (matmuls, excluding attention scores): {self.flops_original_per_token:,} + "
+            f"{self.flops_added_per_token:,} ({fpct:.2f}%)"
+        )
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# analysis (touches nothing)
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _BlockAnalysis:
+    name: str
+    spec: CallSpec
+    graph: Any
+    updates: list[ResidualUpdate]
+
+
+def _check_not_widened(model: nn.Module) -> None:
+    if getattr(model, "vwn_config", None) is not None or any(is_vwn_module(mod) for mod in model.modules()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is already widened by vwn_transform (it has vwn_config / VWN modules); "
+            "expected an original, un-widened model"
+        )
+    for name, mod in model.named_modules():
+        if _HC_MODULE.search(type(mod).__name__):
+            raise UnsupportedModelError(
+                f"{name or 'the model'} is a {type(mod).__name__}: the model already carries hyper-connections; "
+                "expected a plain residual transformer"
+            )
+    for name, _ in model.named_parameters():
+        if _HC_PARAM.search(name):
+            raise UnsupportedModelError(
+                f"parameter {name!r} looks like a hyper-connection weight (static/dynamic alpha/beta): the model "
+                "already carries hyper-connections; expected a plain residual transformer"
+            )
+
+
+def _resolve_config(config, ratio, m, dynamic, init, embedding) -> tuple[VWNConfig | None, dict]:
+    """Validate what can be validated before looking at the model."""
+    if config is not None:
+        if not isinstance(config, VWNConfig):
+            raise TypeError(f"config must be a VWNConfig, got {type(config).__name__}")
+        if ratio is not None or m is not None:
+            raise ValueError("pass either config=VWNConfig(...) or ratio=/m=, not both")
+        return config, {}
+    if ratio is None:
+        raise ValueError("widen() needs a ratio (e.g. 1.5, '3/2', 4) or a config=VWNConfig(n=..., m=...)")
+    parse_ratio(ratio)
+    # validates dynamic/init/embedding now, before any work on the model
+    VWNConfig(n=1, m=1, dynamic=dynamic, init=init, embedding=embedding)
+    return None, dict(ratio=ratio, m=m, dynamic=dynamic, init=init, embedding=embedding)
+
+
+def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"widen() expects a torch.nn.Module, got {type(model).__name__}")
+    fixed, pending = _resolve_config(config, ratio, m, dynamic, init, embedding)
+    _check_not_widened(model)
+    structure = probe_model(model, example_inputs)
+    d = structure.hidden_size
+    if fixed is None:
+        mm, n = choose_slots(pending["ratio"], d, pending["m"])
+        cfg = VWNConfig(n=n, m=mm, dynamic=pending["dynamic"], init=pending["init"],
+                        embedding=pending["embedding"], hidden_size=d)
+    else:
+        if fixed.hidden_size is not None and fixed.hidden_size != d:
+            raise ValueError(f"config.hidden_size={fixed.hidden_size} but the model's residual stream has width {d}")
+        if d % fixed.m:
+            raise ValueError(f"config.m={fixed.m} must divide the model's hidden size {d}")
+        cfg = fixed.replace(hidden_size=d)
+
+    blocks = []
+    for call in structure.blocks:
+        spec, _ = CallSpec.from_call(call.module, call.args, call.kwargs)
+        where = f"{call.name} ({type(call.module).__name__})"
+        graph = trace_block(call.module, spec)
+        updates = find_residual_updates(graph, call.module, spec.stream_placeholder(), where)
+        blocks.append(_BlockAnalysis(call.name, spec, graph, updates))
+    return cfg, structure, blocks
+
+
+def _count_added(model: nn.Module, cfg: VWNConfig, structure: ModelStructure, num_ghc: int) -> int:
+    d, n, m = cfg.hidden_size, cfg.n, cfg.m
+    wide = n * d // m
+    added = num_ghc * ghc_params(d, m, n, cfg.dynamic)
+    for name in structure.embeddings:
+        emb = model.get_submodule(name)
+        added += emb.num_embeddings * (wide - d) if cfg.embedding == "table" else wide * d
+    added += d * wide + (wide if cfg.use_group_norm() else 0)
+    return added
+
+
+def _build_plan(model, cfg, structure, blocks) -> WidenPlan:
+    d, n, m = cfg.hidden_size, cfg.n, cfg.m
+    wide = n * d // m
+    params = {id(p): p for p in model.parameters()}
+    params_original = sum(p.numel() for p in params.values())
+    emb_weights = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    head_mod = model.get_submodule(structure.head) if structure.head else None
+    tied_head = head_mod is not None and id(head_mod.weight) in emb_weights
+    # ~2 FLOPs per weight per token for every matmul weight; a tied head is counted through its table
+    flops_original = 2 * sum(p.numel() for i, p in params.items() if i not in emb_weights and p.dim() >= 2)
+    if tied_head:
+        flops_original += 2 * head_mod.weight.numel()
+    num_ghc = sum(len(b.updates) for b in blocks)
+    flops_added = num_ghc * ghc_flops_per_token(d, m, n, cfg.dynamic) + 2 * d * wide
+    if cfg.embedding == "factorized":
+        flops_added += 2 * d * wide * len(structure.embeddings)
+    embeddings = []
+    for name in structure.embeddings:
+        emb = model.get_submodule(name)
+        tied = structure.head if head_mod is not None and head_mod.weight is emb.weight else None
+        embeddings.append(EmbeddingPlan(name, type(emb).__name__, emb.num_embeddings, tied))
+    return WidenPlan(
+        model_class=type(model).__name__,
+        config=cfg,
+        embeddings=embeddings,
+        blocks=[BlockPlan(b.name, type(model.get_submodule(b.name)).__name__, [u.sublayers for u in b.updates],
+                          [u.parallel for u in b.updates]) for b in blocks],
+        final=structure.final,
+        final_kind=structure.final_kind,
+        head=structure.head,
+        params_original=params_original,
+        params_added=_count_added(model, cfg, structure, num_ghc),
+        flops_original_per_token=flops_original,
+        flops_added_per_token=flops_added,
+    )
+
+
+def plan(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
+         dynamic: bool = True, init: str = "preserve", embedding: str = "table",
+         example_inputs: tuple | None = None) -> WidenPlan:
+    """Report what :func:`widen` would do to ``model``, without changing it.
+
+    Example:
+        >>> import vwn_transform
+        >>> from vwn_transform.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32))
+        >>> p = vwn_transform.plan(model, "3/2")
+        >>> (p.config.m, p.config.n, p.num_ghc)
+        (2, 3, 4)
+        >>> print(p)  # doctest: +ELLIPSIS
+        VWN plan for GPT...
+    """
+    cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs)
+    return _build_plan(model, cfg, structure, blocks)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# surgery (every change is recorded in an undo log, so a failure leaves the model as it was)
+# ------------------------------------------------------------------------------------------------------------
+class _Surgery:
+    def __init__(self):
+        self._undo: list = []
+
+    def set(self, module: nn.Module, name: str, value) -> None:
+        had = name in module.__dict__ or name in module._parameters or name in module._modules
+        old = getattr(module, name, None)
+        setattr(module, name, value)
+        self._undo.append(lambda: setattr(module, name, old) if had else delattr(module, name))
+
+    def swap(self, module: nn.Module, mixin: type) -> None:
+        old = swap_class(module, mixin)
+        self._undo.append(lambda: setattr(module, "__class__", old))
+
+    def rollback(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def _float_param(module: nn.Module) -> torch.Tensor | None:
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
+
+
+@torch.no_grad()
+def _widen_embedding(emb: nn.Embedding, cfg: VWNConfig, op: _Surgery) -> None:
+    d, n, m = cfg.hidden_size, cfg.n, cfg.m
+    slot = d // m
+    wide = n * slot
+    w = emb.weight
+    if cfg.embedding == "table":
+        extra = torch.empty(emb.num_embeddings, wide - d, dtype=w.dtype, device=w.device)
+        if cfg.init == "preserve":
+            # extra virtual slot k (k >= m) starts as a copy of backbone slot k mod m, as HC replicates streams
+            for k in range(m, n):
+                src = (k % m) * slot
+                extra[:, (k - m) * slot:(k - m + 1) * slot] = w[:, src:src + slot]
+        else:
+            extra.normal_(0.0, float(w.float().std()) or 0.02)
+            if emb.padding_idx is not None:
+                extra[emb.padding_idx] = 0
+        op.set(emb, "vwn_extra", nn.Parameter(extra))
+    else:
+        expand = torch.zeros(wide, d, dtype=w.dtype, device=w.device)
+        eye = torch.eye(slot, dtype=w.dtype, device=w.device)
+        for k in range(n):
+            if k < m or cfg.init == "preserve":
+                expand[k * slot:(k + 1) * slot, (k % m) * slot:(k % m + 1) * slot] = eye
+        if cfg.init == "paper":
+            expand[d:].normal_(0.0, d ** -0.5)
+        op.set(emb, "vwn_expand", nn.Parameter(expand))
+    op.set(emb, "vwn_mode", cfg.embedding)
+    op.swap(emb, WideEmbedding)
+
+
+@torch.no_grad()
+def _widen_final(final: nn.Module, cfg: VWNConfig, ref: torch.Tensor, op: _Surgery) -> None:
+    d = cfg.hidden_size
+    wide = cfg.n * d // cfg.m
+    reduce = torch.zeros(d, wide, dtype=ref.dtype, device=ref.device)
+    if cfg.init == "preserve":
+        reduce[:, :d] = torch.eye(d, dtype=ref.dtype, device=ref.device)
+    else:
+        reduce.normal_(0.0, wide ** -0.5)
+    op.set(final, "vwn_reduce", nn.Parameter(reduce))
+    op.set(final, "vwn_group_size", d)
+    group = nn.Parameter(torch.ones(wide, dtype=ref.dtype, device=ref.device)) if cfg.use_group_norm() else None
+    op.set(final, "vwn_group_norm_weight", group)
+    op.swap(final, ReduceMixin)
+
+
+def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op: _Surgery) -> None:
+    ref = _float_param(block)
+    ghcs = nn.ModuleList(
+        GHC(None, cfg.hidden_size, cfg.n, cfg.m, dynamic=cfg.dynamic, eps=cfg.eps) for _ in analysis.updates
+    )
+    if ref is not None:
+        ghcs.to(dtype=ref.dtype, device=ref.device)
+    graph = copy.deepcopy(analysis.graph)  # the analysis stays reusable
+    node_map = dict(zip(analysis.graph.nodes, graph.nodes))
+    updates = [
+        ResidualUpdate(node_map[u.stream], node_map[u.result], [node_map[t] for t in u.tree],
+                       [node_map.get(t, t) for t in u.terms], [node_map[b] for b in u.branch], u.sublayers)
+        for u in analysis.updates
+    ]
+    rewrite_block_graph(graph, updates)
+    fn, src = compile_block_graph(graph, analysis.name)
+    runner = BlockRunner(analysis.name, [u.sublayers for u in analysis.updates])
+    runner._compiled[analysis.spec.key] = fn
+    runner.sources[analysis.spec.key] = src
+    op.set(block, GHC_CONTAINER, ghcs)
+    op.set(block, "vwn_runner", runner)
+    op.swap(block, WidenedBlockMixin)
+
+
+def _pad_final_output(target: nn.Module, structure: ModelStructure, op: _Surgery) -> None:
+    op.set(target.get_submodule(structure.final), "vwn_pad_output", True)
+    head = target.get_submodule(structure.head)
+    op.set(head, "vwn_in_features", structure.hidden_size)
+    op.swap(head, SliceInputMixin)
+
+
+def _check_output(target: nn.Module, structure: ModelStructure, cfg: VWNConfig) -> None:
+    """Run the probe inputs through the widened model; with init='preserve' the output must be the original's."""
+    got = primary_output(run_quietly(target, structure.example_inputs))
+    ref = structure.reference_output
+    if got is None or ref is None:
+        return
+    if got.shape != ref.shape:
+        raise UnsupportedModelError(
+            f"the widened {type(target).__name__} returns shape {tuple(got.shape)} on the probe input, the "
+            f"original {tuple(ref.shape)}"
+        )
+    if cfg.init != "preserve" or not ref.is_floating_point():
+        return
+    tol = (1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2) * (1.0 + float(ref.abs().max()))
+    diff = float((got.float() - ref.float()).abs().max())
+    if not diff <= tol:
+        raise UnsupportedModelError(
+            f"the widened {type(target).__name__} does not reproduce the original output on the probe input "
+            f"(max abs difference {diff:.3g} > {tol:.3g}); its model-level code uses the residual stream in a way "
+            "the rewrite does not follow"
+        )
+
+
+def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
+          dynamic: bool = True, init: str = "preserve", embedding: str = "table", inplace: bool = False,
+          example_inputs: tuple | None = None) -> nn.Module:
+    """Rewrite a pre-norm transformer into its Virtual-Width form.
+
+    Args:
+        model: a pre-norm transformer: a Hugging Face causal LM, the reference :class:`~vwn_transform.models.GPT`,
+            or any module whose blocks compute ``s + f(norm(s))``.
+        ratio: virtual-width ratio r = n/m: int, float, Fraction or a string such as ``"3/2"``.
+        m: slots per backbone vector; default the smallest m dividing the hidden size with ``ratio*m`` integer.
+        config: a full :class:`VWNConfig` instead of ratio/m/dynamic/init/embedding.
+        dynamic: input-dependent GHC coefficients (the paper's default).
+        init: ``"preserve"``: the widened model computes what the original computed (to float rounding);
+            ``"paper"``: the paper's initialization for training from scratch.
+        embedding: ``"table"`` or ``"factorized"``.
+        inplace: rewrite ``model`` itself instead of a deep copy.
+        example_inputs: positional inputs for the probe forward; default a ``[1, 8]`` batch of token ids.
+
+    Returns:
+        The widened model, of the same class (``model.vwn_config`` records the config). widen() runs the probe
+        input through it once and, with ``init="preserve"``, checks that it reproduces the original output.
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module.
+        ValueError: a bad ratio, m or option (the message names the value and what is valid).
+        UnsupportedModelError: the structure cannot be widened (post-LN, no residual stream, already widened).
+        On any error the input model is unchanged.
+
+    Example:
+        >>> import torch, vwn_transform
+        >>> from vwn_transform.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+        >>> wide = vwn_transform.widen(model, 1.5)
+        >>> idx = torch.randint(0, 64, (2, 10))
+        >>> torch.allclose(wide(idx)[0], model(idx)[0], atol=1e-5)
+        True
+    """
+    start = time.perf_counter()
+    if not isinstance(inplace, bool):
+        raise ValueError(f"inplace must be True or False, got {inplace!r}")
+    cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs)
+    target = model if inplace else copy.deepcopy(model)
+    op = _Surgery()
+    try:
+        for name in structure.embeddings:
+            _widen_embedding(target.get_submodule(name), cfg, op)
+        for analysis in blocks:
+            _widen_block(target.get_submodule(analysis.name), analysis, cfg, op)
+        final = target.get_submodule(structure.final)
+        ref = _float_param(final)
+        _widen_final(final, cfg, ref if ref is not None else _float_param(target), op)
+        op.set(target, "vwn_config", cfg)
+        try:
+            _check_output(target, structure, cfg)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:
+            if structure.final_kind != "norm" or structure.head is None:
+                raise UnsupportedModelError(
+                    f"the widened {type(model).__name__} fails on the probe input: {type(exc).__name__}: {exc}"
+                ) from exc
+            # Some model code (GPT-2, GPTBigCode) reshapes the final normed state with the width it read off the
+            # embedding output. Explicit second placement: pad the reduce's output back to D' and let the head
+            # read the first D features. Logged, and recorded on the model.
+            log.info("%s fails when %s returns %d features (%s: %s); padding the reduce output to D' and slicing "
+                     "it at %s", type(model).__name__, structure.final, cfg.hidden_size, type(exc).__name__, exc,
+                     structure.head)
+            _pad_final_output(target, structure, op)
+            try:
+                _check_output(target, structure, cfg)
+            except UnsupportedModelError:
+                raise
+            except Exception as exc2:
+                raise UnsupportedModelError(
+                    f"the widened {type(model).__name__} fails on the probe input: {type(exc).__name__}: {exc}"
+                ) from exc2
+    except BaseException:
+        op.rollback()
+        raise
+    log.info("widened %s to r=%s ((m, n) = (%d, %d)): %d GHC modules, %d embeddings, reduce at %s in %.2fs",
+             type(model).__name__, Fraction(cfg.n, cfg.m), cfg.m, cfg.n, sum(len(b.updates) for b in blocks),
+             len(structure.embeddings), structure.final, time.perf_counter() - start)
+    return target
