@@ -189,7 +189,8 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
     first_idx, last_idx = blocks[0][0], blocks[-1][0]
     stream_in = _stream_arg(calls[first_idx][2], calls[first_idx][3])
     hidden = stream_in.shape[-1]
-    embeddings = _find_embeddings(stream_in, leaves)
+    module_order = {name: i for i, name in enumerate(names.values())}
+    embeddings = sorted(_find_embeddings(stream_in, leaves), key=lambda n: module_order.get(n, 0))
     if not embeddings:
         raise UnsupportedModelError(
             f"could not find the embeddings feeding the residual stream of {type(model).__name__}: the input of "

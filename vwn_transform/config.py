@@ -27,7 +27,9 @@ def parse_ratio(ratio: Any) -> Fraction:
     (Fraction(3, 2), Fraction(3, 2), Fraction(8, 1))
     """
     if isinstance(ratio, bool) or ratio is None:
-        raise TypeError(f"ratio must be an int, float, Fraction or a string like '3/2', got {ratio!r}")
+        raise TypeError(
+            f"ratio must be an int, float, Fraction or a string like '3/2', got {ratio!r} ({type(ratio).__name__})"
+        )
     if isinstance(ratio, str):
         text = ratio.strip()
         try:
