@@ -4,11 +4,12 @@ Every function works on token-major 3-D views:
 
 * ``h``  ``[N, n, d]``  over-width state, N tokens, n slots of width d = D/m (model dtype)
 * ``z``  ``[N, m, d]``  backbone sublayer output cut into m slots (model dtype)
-* coefficient tensors are fp32: ``read_c``/``write_c`` ``[N, n, m]``, ``carry_c`` ``[N, n, n]``;
+* coefficient tensors are in the mixing precision (fp32; fp64 for fp64 states): ``read_c``/``write_c`` ``[N, n, m]``, ``carry_c`` ``[N, n, n]``;
   static GHC passes the parameters themselves (``[n, m]``, ``[n, n]``), which broadcast over tokens.
 
 ``write_c`` is ``B(H)^T``: row k holds the weights with which backbone slot i is written into virtual slot k.
-Mixing always runs in fp32; outputs are cast back to the model dtype. Backward functions recompute the
+Mixing runs in fp32 (fp64 for fp64 states, so gradcheck is meaningful); outputs are cast back to the model
+dtype. Backward functions recompute the
 coefficients from ``h`` instead of saving them (they are cheap: a slot RMS and a ``d x (2m+n)`` matmul).
 
 This module knows nothing of fx, modules or configs.
@@ -31,31 +32,45 @@ __all__ = [
 ]
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Mixing precision: fp32 for fp32/bf16/fp16 states, fp64 for fp64 states."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _split(c: torch.Tensor, m: int, n: int):
     # c: [N, n, 2m+n] -> read part [N, n, m], carry part [N, n, n], write part [N, n, m]
     return c[..., :m], c[..., m : m + n], c[..., m + n :]
 
 
+def _stacked(read, carry, write, ct):
+    # the three static maps side by side as one [n, 2m+n] matrix: [A_read | A_carry | B^T]
+    return torch.cat([read.to(ct), carry.to(ct), write.to(ct).t()], dim=1)
+
+
 def dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     """Coefficients of a dynamic GHC.
 
-    Returns ``(read_c, carry_c, write_c, c, y)``: the three gated coefficient tensors (fp32), the tanh
-    activations ``c`` ``[N, n, 2m+n]`` and the un-gained normalized slots ``y`` ``[N, n, d]`` (both needed by
-    the backward).
+    Returns ``(coef, c, u, inv_rms, wg)``: the gated coefficients ``coef = [Read | Carry | WriteT]``
+    ``[N, n, 2m+n]`` (mixing precision), the tanh activations ``c``, the un-normalized projections
+    ``u = H @ (g * W)`` (both ``[N, n, 2m+n]``), the per-slot ``1/rms`` ``[N, n, 1]`` and the gain-folded
+    projection ``wg`` ``[d, 2m+n]`` (the backward needs them).
+
+    ``rmsnorm(H) * g @ W == (H @ (g[:, None] * W)) * inv_rms``: the gain and the normalization are folded into
+    the small ``d x (2m+n)`` matrix and the ``[N, n, 2m+n]`` result, so no ``[N, n, d]`` temporary is made; the
+    three gates are applied as one ``addcmul`` on the stacked maps.
     """
-    n, m = read.shape
+    ct = compute_dtype(h.dtype)
     d = h.shape[-1]
-    hf = h.float()
-    # RMS over each slot's d features; the gain g is shared by all slots.
-    inv_rms = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # [N, n, 1]
-    y = hf * inv_rms  # [N, n, d]
-    logits = torch.matmul(y * norm_weight.float(), proj.float()) * (1.0 / math.sqrt(d))  # [N, n, 2m+n]
-    c = torch.tanh(logits)
-    c_read, c_carry, c_write = _split(c, m, n)
-    read_c = read.float() + scale_read.float() * c_read  # [N, n, m]
-    carry_c = carry.float() + scale_carry.float() * c_carry  # [N, n, n]
-    write_c = write.float().t() + scale_write.float().t() * c_write  # [N, n, m] = B(H)^T
-    return read_c, carry_c, write_c, c, y
+    hf = h.to(ct)
+    sq_norm = torch.linalg.vector_norm(hf, dim=-1, keepdim=True).square()  # [N, n, 1]
+    inv_rms = torch.rsqrt(sq_norm * (1.0 / d) + eps)  # [N, n, 1]
+    wg = norm_weight.to(ct)[:, None] * proj.to(ct)  # [d, 2m+n]
+    # H @ wg as [N*n, d] @ ([2m+n, d] contiguous)^T: CPU GEMMs run this skinny product ~2x faster than with wg
+    # itself as the right operand (benchmarks/NOTES.md)
+    u = torch.matmul(hf, wg.t().contiguous().t())  # [N, n, 2m+n]
+    c = torch.tanh(u * (inv_rms * (1.0 / math.sqrt(d))))
+    coef = torch.addcmul(_stacked(read, carry, write, ct), _stacked(scale_read, scale_carry, scale_write, ct), c)
+    return coef, c, u, inv_rms, wg
 
 
 def _read(hf: torch.Tensor, read_c: torch.Tensor) -> torch.Tensor:
@@ -65,11 +80,14 @@ def _read(hf: torch.Tensor, read_c: torch.Tensor) -> torch.Tensor:
 
 def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     """Dynamic GHC read: returns ``(x [N, m, d] model dtype, carry_c [N, n, n], write_c [N, n, m])``."""
-    read_c, carry_c, write_c, _, _ = dynamic_coefficients(
-        h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
-    )
-    x = _read(h.float(), read_c).to(h.dtype)
-    return x, carry_c, write_c
+    ct = compute_dtype(h.dtype)
+    n, m = read.shape
+    coef = dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write,
+                                eps)[0]
+    read_c, carry_c, write_c = _split(coef, m, n)
+    x = _read(h.to(ct), read_c).to(h.dtype)
+    # clones: outputs of a custom op may not alias each other (slices of one tensor would, e.g. at n = m = 1)
+    return x, carry_c.clone(), write_c.clone()
 
 
 def read_dynamic_backward(
@@ -77,57 +95,55 @@ def read_dynamic_backward(
     grad_x, grad_carry_c, grad_write_c,
 ):
     """Gradients of :func:`read_dynamic` with respect to ``h`` and the nine parameters (same order)."""
+    ct = compute_dtype(h.dtype)
     n, m = read.shape
     d = h.shape[-1]
-    hf = h.float()
-    read_c, _, _, c, y = dynamic_coefficients(
+    hf = h.to(ct)
+    coef, c, u, inv_rms, wg = dynamic_coefficients(
         h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
     )
-    gx = grad_x.float()  # [N, m, d]
+    read_c = coef[..., :m]
+    gx = grad_x.to(ct)  # [N, m, d]
     g_read_c = torch.matmul(hf, gx.transpose(-1, -2))  # [N, n, m]: hf[t, j] . gx[t, i]
     g_h = torch.matmul(read_c, gx)  # [N, n, d] through X = Read^T H
-    g_carry_c = grad_carry_c.float()
-    g_write_c = grad_write_c.float()
+    g_coef = torch.cat([g_read_c, grad_carry_c.to(ct), grad_write_c.to(ct)], dim=-1)  # [N, n, 2m+n]
+    k = g_coef.shape[-1]
+    g_static = g_coef.sum(0)  # [n, 2m+n]
+    g_scales = (g_coef * c).sum(0)  # [n, 2m+n]
+    # through tanh; logits = u * inv_rms / sqrt(d)
+    g_logits = g_coef * _stacked(scale_read, scale_carry, scale_write, ct) * (1.0 - c * c)
+    g_u = g_logits * (inv_rms * (1.0 / math.sqrt(d)))  # [N, n, 2m+n]
+    g_wg = (g_u.reshape(-1, k).t() @ hf.reshape(-1, d)).t()  # [d, 2m+n]; this operand order is ~4x faster on CPU
+    gain, w = norm_weight.to(ct), proj.to(ct)
+    g_proj = g_wg * gain[:, None]
+    g_norm_weight = (g_wg * w).sum(1)
+    g_h.view(-1, d).addmm_(g_u.reshape(-1, k), wg.t())  # through u = H @ wg
+    # through inv_rms = (|h|^2/d + eps)^(-1/2): d inv_rms / d h = -inv_rms^3 h / d
+    g_inv = (g_logits * u).sum(-1, keepdim=True) * (1.0 / math.sqrt(d))  # [N, n, 1]
+    g_h.addcmul_(hf, g_inv * inv_rms.pow(3) * (-1.0 / d))
 
-    c_read, c_carry, c_write = _split(c, m, n)
-    g_read = g_read_c.sum(0)
-    g_carry = g_carry_c.sum(0)
-    g_write = g_write_c.sum(0).t()
-    g_scale_read = (g_read_c * c_read).sum(0)
-    g_scale_carry = (g_carry_c * c_carry).sum(0)
-    g_scale_write = (g_write_c * c_write).sum(0).t()
-
-    g_c = torch.cat(
-        [g_read_c * scale_read.float(), g_carry_c * scale_carry.float(), g_write_c * scale_write.float().t()], -1
-    )  # [N, n, 2m+n]
-    g_logits = g_c * (1.0 - c * c) * (1.0 / math.sqrt(d))
-    gain = norm_weight.float()
-    yg = y * gain  # [N, n, d]
-    k = g_logits.shape[-1]
-    g_proj = yg.reshape(-1, d).t() @ g_logits.reshape(-1, k)  # [d, 2m+n]
-    g_yg = torch.matmul(g_logits, proj.float().t())  # [N, n, d]
-    g_norm_weight = (g_yg * y).reshape(-1, d).sum(0)
-    g_y = g_yg * gain
-    # RMSNorm backward: dx = inv_rms * (dy - y * mean(y * dy))
-    inv_rms = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    g_h = g_h + inv_rms * (g_y - y * (g_y * y).mean(-1, keepdim=True))
-
-    grads = (g_h, g_norm_weight, g_proj, g_read, g_carry, g_write, g_scale_read, g_scale_carry, g_scale_write)
+    g_read, g_carry, g_write_t = _split(g_static, m, n)
+    g_scale_read, g_scale_carry, g_scale_write_t = _split(g_scales, m, n)
+    grads = (g_h, g_norm_weight, g_proj, g_read, g_carry, g_write_t.t(), g_scale_read, g_scale_carry,
+             g_scale_write_t.t())
     inputs = (h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+    # the small gradients are slices of g_static/g_scales: clone so that no two outputs alias
+    return tuple(g.to(t.dtype).clone() if i >= 3 else g.to(t.dtype) for i, (g, t) in enumerate(zip(grads, inputs)))
 
 
 def read_static(h, read):
     """Static GHC read ``X = A_read^T H``: ``[N, n, d] -> [N, m, d]``."""
-    return _read(h.float(), read.float()).to(h.dtype)
+    ct = compute_dtype(h.dtype)
+    return _read(h.to(ct), read.to(ct)).to(h.dtype)
 
 
 def read_static_backward(h, read, grad_x):
-    gx = grad_x.float()
-    hf = h.float()
+    ct = compute_dtype(h.dtype)
+    gx = grad_x.to(ct)
+    hf = h.to(ct)
     n, d = hf.shape[-2:]
     m = gx.shape[-2]
-    g_h = torch.matmul(read.float(), gx)  # [N, n, d]
+    g_h = torch.matmul(read.to(ct), gx)  # [N, n, d]
     # sum over tokens of hf[t] @ gx[t]^T as one GEMM: [n, N*d] @ [N*d, m]
     g_read = hf.transpose(0, 1).reshape(n, -1) @ gx.transpose(0, 1).reshape(m, -1).t()
     return g_h.to(h.dtype), g_read.to(read.dtype)
@@ -135,7 +151,13 @@ def read_static_backward(h, read, grad_x):
 
 def write(h, z, carry_c, write_c):
     """``H' = WriteT @ Z + Carry^T @ H``: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype of ``h``."""
-    out = torch.matmul(write_c.float(), z.float()) + torch.matmul(carry_c.float().transpose(-1, -2), h.float())
+    ct = compute_dtype(h.dtype)
+    out = torch.matmul(carry_c.to(ct).transpose(-1, -2), h.to(ct))  # [N, n, d]
+    zf, wc = z.to(ct), write_c.to(ct)
+    if wc.dim() == 3:
+        out.baddbmm_(wc, zf)  # += WriteT @ Z without a temporary
+    else:
+        out += torch.matmul(wc, zf)
     return out.to(h.dtype)
 
 
@@ -144,9 +166,10 @@ def write_backward(h, z, carry_c, write_c, grad_out):
 
     When the coefficients are static (2-D), their gradients are summed over tokens.
     """
-    g = grad_out.float()  # [N, n, d]
-    hf, zf = h.float(), z.float()
-    wc, cc = write_c.float(), carry_c.float()
+    ct = compute_dtype(h.dtype)
+    g = grad_out.to(ct)  # [N, n, d]
+    hf, zf = h.to(ct), z.to(ct)
+    wc, cc = write_c.to(ct), carry_c.to(ct)
     g_z = torch.matmul(wc.transpose(-1, -2), g)  # [N, m, d]
     g_h = torch.matmul(cc, g)  # [N, n, d]
     if write_c.dim() == 2:

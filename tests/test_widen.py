@@ -449,3 +449,33 @@ def test_public_api_is_pinned():
         assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
     assert list(inspect.signature(GHC).parameters)[:5] == ["sublayer", "dim", "n", "m", "dynamic"]
     assert list(inspect.signature(vwn_transform.plan).parameters)[:2] == ["model", "ratio"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# property-based: odd widths, any (m, n), batch, sequence length and dtype
+# ------------------------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _widen_cases(draw):
+    slot = draw(st.integers(1, 9))
+    m = draw(st.integers(1, 4))
+    n = draw(st.integers(m, 3 * m + 2))
+    heads = draw(st.sampled_from([h for h in (1, 2, 3) if (slot * m) % h == 0]))
+    return dict(hidden=slot * m, m=m, n=n, heads=heads, batch=draw(st.integers(1, 3)), seq=draw(st.integers(1, 11)),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64])), dynamic=draw(st.booleans()),
+                embedding=draw(st.sampled_from(["table", "factorized"])))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_widen_cases())
+def test_property_widen_preserves_reference_gpt(case):
+    model = tiny_gpt(n_embd=case["hidden"], n_head=case["heads"], block_size=16).to(case["dtype"])
+    wide = vwn_transform.widen(model, Fraction(case["n"], case["m"]), m=case["m"], dynamic=case["dynamic"],
+                               embedding=case["embedding"])
+    idx = torch.randint(0, 64, (case["batch"], case["seq"]))
+    ref, got = model(idx)[0], wide(idx)[0]
+    assert got.dtype == case["dtype"]
+    assert (got - ref).abs().max().item() <= 1e-5

@@ -124,7 +124,8 @@ def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_w
     n, m = read.shape
     lead = h.shape[:-1]
     x = h.new_empty((*lead, h.shape[-1] // n * m))
-    return x, h.new_empty((*lead, n, n), dtype=torch.float32), h.new_empty((*lead, n, m), dtype=torch.float32)
+    ct = reference.compute_dtype(h.dtype)
+    return x, h.new_empty((*lead, n, n), dtype=ct), h.new_empty((*lead, n, m), dtype=ct)
 
 
 @torch.library.custom_op("vwn::ghc_read_dynamic_backward", mutates_args=())
@@ -174,10 +175,11 @@ def _read_dynamic_bwd(ctx, grad_x, grad_carry_c, grad_write_c):
     # autograd hands None for outputs that did not reach the loss
     if grad_x is None:
         grad_x = h.new_zeros((*lead, h.shape[-1] // n * m))
+    ct = reference.compute_dtype(h.dtype)
     if grad_carry_c is None:
-        grad_carry_c = h.new_zeros((*lead, n, n), dtype=torch.float32)
+        grad_carry_c = h.new_zeros((*lead, n, n), dtype=ct)
     if grad_write_c is None:
-        grad_write_c = h.new_zeros((*lead, n, m), dtype=torch.float32)
+        grad_write_c = h.new_zeros((*lead, n, m), dtype=ct)
     grads = torch.ops.vwn.ghc_read_dynamic_backward(*saved, ctx.eps, grad_x, grad_carry_c, grad_write_c)
     return (*grads, None)
 
