@@ -50,10 +50,8 @@ def _stacked(read, carry, write, ct):
 def dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     """Coefficients of a dynamic GHC.
 
-    Returns ``(coef, c, u, inv_rms, wg)``: the gated coefficients ``coef = [Read | Carry | WriteT]``
-    ``[N, n, 2m+n]`` (mixing precision), the tanh activations ``c``, the un-normalized projections
-    ``u = H @ (g * W)`` (both ``[N, n, 2m+n]``), the per-slot ``1/rms`` ``[N, n, 1]`` and the gain-folded
-    projection ``wg`` ``[d, 2m+n]`` (the backward needs them).
+    Returns ``(coef, stats)``: the gated coefficients ``coef = [Read | Carry | WriteT]`` ``[N, n, 2m+n]`` and
+    ``stats = [logits | 1/rms]`` ``[N, n, 2m+n+1]`` (mixing precision), all the backward needs besides ``h``.
 
     ``rmsnorm(H) * g @ W == (H @ (g[:, None] * W)) * inv_rms``: the gain and the normalization are folded into
     the small ``d x (2m+n)`` matrix and the ``[N, n, 2m+n]`` result, so no ``[N, n, d]`` temporary is made; the
@@ -68,9 +66,10 @@ def dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, s
     # H @ wg as [N*n, d] @ ([2m+n, d] contiguous)^T: CPU GEMMs run this skinny product ~2x faster than with wg
     # itself as the right operand (benchmarks/NOTES.md)
     u = torch.matmul(hf, wg.t().contiguous().t())  # [N, n, 2m+n]
-    c = torch.tanh(u * (inv_rms * (1.0 / math.sqrt(d))))
-    coef = torch.addcmul(_stacked(read, carry, write, ct), _stacked(scale_read, scale_carry, scale_write, ct), c)
-    return coef, c, u, inv_rms, wg
+    logits = u * (inv_rms * (1.0 / math.sqrt(d)))
+    coef = torch.addcmul(_stacked(read, carry, write, ct), _stacked(scale_read, scale_carry, scale_write, ct),
+                         torch.tanh(logits))
+    return coef, torch.cat([logits, inv_rms], dim=-1)
 
 
 def _read(hf: torch.Tensor, read_c: torch.Tensor) -> torch.Tensor:
@@ -79,19 +78,23 @@ def _read(hf: torch.Tensor, read_c: torch.Tensor) -> torch.Tensor:
 
 
 def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
-    """Dynamic GHC read: returns ``(x [N, m, d] model dtype, carry_c [N, n, n], write_c [N, n, m])``."""
+    """Dynamic GHC read.
+
+    Returns ``(x [N, m, d] model dtype, carry_c [N, n, n], write_c [N, n, m], stats [N, n, 2m+n+1])``; ``stats``
+    (pre-tanh logits and per-slot 1/rms) is what :func:`read_dynamic_backward` needs, so it does not recompute.
+    """
     ct = compute_dtype(h.dtype)
     n, m = read.shape
-    coef = dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write,
-                                eps)[0]
+    coef, stats = dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, scale_carry,
+                                       scale_write, eps)
     read_c, carry_c, write_c = _split(coef, m, n)
     x = _read(h.to(ct), read_c).to(h.dtype)
     # clones: outputs of a custom op may not alias each other (slices of one tensor would, e.g. at n = m = 1)
-    return x, carry_c.clone(), write_c.clone()
+    return x, carry_c.clone(), write_c.clone(), stats
 
 
 def read_dynamic_backward(
-    h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,
+    h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, stats,
     grad_x, grad_carry_c, grad_write_c,
 ):
     """Gradients of :func:`read_dynamic` with respect to ``h`` and the nine parameters (same order)."""
@@ -99,10 +102,10 @@ def read_dynamic_backward(
     n, m = read.shape
     d = h.shape[-1]
     hf = h.to(ct)
-    coef, c, u, inv_rms, wg = dynamic_coefficients(
-        h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
-    )
-    read_c = coef[..., :m]
+    logits, inv_rms = stats[..., :-1], stats[..., -1:]  # [N, n, 2m+n], [N, n, 1]
+    c = torch.tanh(logits)
+    scales = _stacked(scale_read, scale_carry, scale_write, ct)  # [n, 2m+n]
+    read_c = torch.addcmul(read.to(ct), scales[:, :m], c[..., :m])  # [N, n, m]
     gx = grad_x.to(ct)  # [N, m, d]
     g_read_c = torch.matmul(hf, gx.transpose(-1, -2))  # [N, n, m]: hf[t, j] . gx[t, i]
     g_h = torch.matmul(read_c, gx)  # [N, n, d] through X = Read^T H
@@ -110,16 +113,17 @@ def read_dynamic_backward(
     k = g_coef.shape[-1]
     g_static = g_coef.sum(0)  # [n, 2m+n]
     g_scales = (g_coef * c).sum(0)  # [n, 2m+n]
-    # through tanh; logits = u * inv_rms / sqrt(d)
-    g_logits = g_coef * _stacked(scale_read, scale_carry, scale_write, ct) * (1.0 - c * c)
+    g_logits = g_coef * scales * (1.0 - c * c)  # through tanh
+    # logits = u * inv_rms / sqrt(d) with u = H @ wg
     g_u = g_logits * (inv_rms * (1.0 / math.sqrt(d)))  # [N, n, 2m+n]
     g_wg = (g_u.reshape(-1, k).t() @ hf.reshape(-1, d)).t()  # [d, 2m+n]; this operand order is ~4x faster on CPU
     gain, w = norm_weight.to(ct), proj.to(ct)
     g_proj = g_wg * gain[:, None]
     g_norm_weight = (g_wg * w).sum(1)
-    g_h.view(-1, d).addmm_(g_u.reshape(-1, k), wg.t())  # through u = H @ wg
-    # through inv_rms = (|h|^2/d + eps)^(-1/2): d inv_rms / d h = -inv_rms^3 h / d
-    g_inv = (g_logits * u).sum(-1, keepdim=True) * (1.0 / math.sqrt(d))  # [N, n, 1]
+    g_h.view(-1, d).addmm_(g_u.reshape(-1, k), (gain[:, None] * w).t())  # through u = H @ wg
+    # through inv_rms = (|h|^2/d + eps)^(-1/2): d inv_rms / d h = -inv_rms^3 h / d;
+    # dL/d inv_rms = sum_k g_logits * u / sqrt(d) = sum_k g_logits * logits / inv_rms
+    g_inv = (g_logits * logits).sum(-1, keepdim=True) / inv_rms  # [N, n, 1]
     g_h.addcmul_(hf, g_inv * inv_rms.pow(3) * (-1.0 / d))
 
     g_read, g_carry, g_write_t = _split(g_static, m, n)
@@ -149,16 +153,19 @@ def read_static_backward(h, read, grad_x):
     return g_h.to(h.dtype), g_read.to(read.dtype)
 
 
+def _stack_write(h, z, carry_c, write_c, ct):
+    # H' = [Carry^T | WriteT] @ [H ; Z]: one batched matmul instead of two (concatenating is a cheap copy, a
+    # batched product of tiny matrices is not)
+    a = torch.cat([carry_c.to(ct).transpose(-1, -2), write_c.to(ct)], dim=-1)  # [.., n, n+m]
+    hz = torch.cat([h.to(ct), z.to(ct)], dim=1)  # [N, n+m, d]
+    return a, hz
+
+
 def write(h, z, carry_c, write_c):
     """``H' = WriteT @ Z + Carry^T @ H``: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype of ``h``."""
     ct = compute_dtype(h.dtype)
-    out = torch.matmul(carry_c.to(ct).transpose(-1, -2), h.to(ct))  # [N, n, d]
-    zf, wc = z.to(ct), write_c.to(ct)
-    if wc.dim() == 3:
-        out.baddbmm_(wc, zf)  # += WriteT @ Z without a temporary
-    else:
-        out += torch.matmul(wc, zf)
-    return out.to(h.dtype)
+    a, hz = _stack_write(h, z, carry_c, write_c, ct)
+    return torch.matmul(a, hz).to(h.dtype)  # [N, n, d]
 
 
 def write_backward(h, z, carry_c, write_c, grad_out):
@@ -167,17 +174,20 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     When the coefficients are static (2-D), their gradients are summed over tokens.
     """
     ct = compute_dtype(h.dtype)
+    n = h.shape[1]
     g = grad_out.to(ct)  # [N, n, d]
-    hf, zf = h.to(ct), z.to(ct)
-    wc, cc = write_c.to(ct), carry_c.to(ct)
-    g_z = torch.matmul(wc.transpose(-1, -2), g)  # [N, m, d]
-    g_h = torch.matmul(cc, g)  # [N, n, d]
+    a, hz = _stack_write(h, z, carry_c, write_c, ct)
+    g_hz = torch.matmul(a.transpose(-1, -2), g)  # [N, n+m, d]: rows [:n] -> H, [n:] -> Z
     if write_c.dim() == 2:
-        n, m = wc.shape
-        g_flat = g.transpose(0, 1).reshape(n, -1)  # [n, N*d]
-        g_write_c = g_flat @ zf.transpose(0, 1).reshape(m, -1).t()  # [n, m]
-        g_carry_c = hf.transpose(0, 1).reshape(n, -1) @ g_flat.t()  # [n, n]
+        k = hz.shape[1]
+        # sum over tokens of g[t] @ hz[t]^T as one GEMM: [n, N*d] @ [N*d, n+m]
+        g_a = g.transpose(0, 1).reshape(n, -1) @ hz.transpose(0, 1).reshape(k, -1).t()  # [n, n+m]
     else:
-        g_write_c = torch.matmul(g, zf.transpose(-1, -2))  # [N, n, m]
-        g_carry_c = torch.matmul(hf, g.transpose(-1, -2))  # [N, n, n]
-    return g_h.to(h.dtype), g_z.to(z.dtype), g_carry_c.to(carry_c.dtype), g_write_c.to(write_c.dtype)
+        g_a = torch.matmul(g, hz.transpose(-1, -2))  # [N, n, n+m]
+    g_carry_c = g_a[..., :n].transpose(-1, -2)
+    g_write_c = g_a[..., n:]
+    # clones: the four outputs are slices of two tensors and must not alias each other
+    return tuple(
+        t.clone(memory_format=torch.contiguous_format).to(ref.dtype)
+        for t, ref in ((g_hz[:, :n], h), (g_hz[:, n:], z), (g_carry_c, carry_c), (g_write_c, write_c))
+    )

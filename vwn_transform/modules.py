@@ -112,10 +112,11 @@ class GHC(nn.Module):
         """``h [..., n*d] -> (x [..., m*d], carry_c, write_c)``: the backbone input and the mixing coefficients."""
         self._check_state(h)
         if self.dynamic:
-            return torch.ops.vwn.ghc_read_dynamic(
+            x, carry_c, write_c, _stats = torch.ops.vwn.ghc_read_dynamic(
                 h, self.norm.weight, self.proj, self.read, self.carry, self.write,
                 self.scale_read, self.scale_carry, self.scale_write, self.eps,
             )
+            return x, carry_c, write_c
         return torch.ops.vwn.ghc_read_static(h, self.read), self.carry, self.write.t()
 
     def expand(self, h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor):

@@ -108,15 +108,20 @@ def ghc_read_dynamic(
     scale_carry: torch.Tensor,
     scale_write: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [..., m*d], carry_c [..., n, n], write_c [..., n, m], stats [..., n, 2m+n+1])``.
+
+    ``stats`` (pre-tanh logits and per-slot 1/rms, non-differentiable) is saved for the backward.
+    """
     _resolve("ghc_read_dynamic", h)
     n, m = read.shape
     lead = h.shape[:-1]
-    x, carry_c, write_c = reference.read_dynamic(
+    x, carry_c, write_c, stats = reference.read_dynamic(
         _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
     )
     # [N, m, d] -> [..., m*d]; coefficients [N, ., .] -> [..., ., .]
-    return x.reshape(*lead, -1), carry_c.reshape(*lead, n, n), write_c.reshape(*lead, n, m)
+    return (x.reshape(*lead, -1), carry_c.reshape(*lead, n, n), write_c.reshape(*lead, n, m),
+            stats.reshape(*lead, n, -1))
 
 
 @ghc_read_dynamic.register_fake
@@ -125,7 +130,8 @@ def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_w
     lead = h.shape[:-1]
     x = h.new_empty((*lead, h.shape[-1] // n * m))
     ct = reference.compute_dtype(h.dtype)
-    return x, h.new_empty((*lead, n, n), dtype=ct), h.new_empty((*lead, n, m), dtype=ct)
+    return (x, h.new_empty((*lead, n, n), dtype=ct), h.new_empty((*lead, n, m), dtype=ct),
+            h.new_empty((*lead, n, 2 * m + n + 1), dtype=ct))
 
 
 @torch.library.custom_op("vwn::ghc_read_dynamic_backward", mutates_args=())
@@ -140,6 +146,7 @@ def ghc_read_dynamic_backward(
     scale_carry: torch.Tensor,
     scale_write: torch.Tensor,
     eps: float,
+    stats: torch.Tensor,
     grad_x: torch.Tensor,
     grad_carry_c: torch.Tensor,
     grad_write_c: torch.Tensor,
@@ -151,36 +158,37 @@ def ghc_read_dynamic_backward(
     n, m = read.shape
     grads = reference.read_dynamic_backward(
         _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,
-        _tokens(grad_x, m), grad_carry_c.reshape(-1, n, n), grad_write_c.reshape(-1, n, m),
+        stats.reshape(-1, n, stats.shape[-1]), _tokens(grad_x, m), grad_carry_c.reshape(-1, n, n),
+        grad_write_c.reshape(-1, n, m),
     )
     return (grads[0].reshape(h.shape), *grads[1:])
 
 
 @ghc_read_dynamic_backward.register_fake
-def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, gx, gc, gw):
+def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, stats, gx, gc, gw):
     params = (norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
     return (torch.empty_like(h),) + tuple(torch.empty_like(p) for p in params)
 
 
 def _read_dynamic_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:9])
+    ctx.mark_non_differentiable(output[3])
+    ctx.save_for_backward(*inputs[:9], output[3])
     ctx.eps = inputs[9]
 
 
-def _read_dynamic_bwd(ctx, grad_x, grad_carry_c, grad_write_c):
-    saved = ctx.saved_tensors
+def _read_dynamic_bwd(ctx, grad_x, grad_carry_c, grad_write_c, _grad_stats):
+    *saved, stats = ctx.saved_tensors
     h, read = saved[0], saved[3]
     n, m = read.shape
     lead = h.shape[:-1]
     # autograd hands None for outputs that did not reach the loss
     if grad_x is None:
         grad_x = h.new_zeros((*lead, h.shape[-1] // n * m))
-    ct = reference.compute_dtype(h.dtype)
     if grad_carry_c is None:
-        grad_carry_c = h.new_zeros((*lead, n, n), dtype=ct)
+        grad_carry_c = torch.zeros_like(stats[..., :n])
     if grad_write_c is None:
-        grad_write_c = h.new_zeros((*lead, n, m), dtype=ct)
-    grads = torch.ops.vwn.ghc_read_dynamic_backward(*saved, ctx.eps, grad_x, grad_carry_c, grad_write_c)
+        grad_write_c = torch.zeros_like(stats[..., :m])
+    grads = torch.ops.vwn.ghc_read_dynamic_backward(*saved, ctx.eps, stats, grad_x, grad_carry_c, grad_write_c)
     return (*grads, None)
 
 
