@@ -153,19 +153,20 @@ def read_static_backward(h, read, grad_x):
     return g_h.to(h.dtype), g_read.to(read.dtype)
 
 
-def _stack_write(h, z, carry_c, write_c, ct):
-    # H' = [Carry^T | WriteT] @ [H ; Z]: one batched matmul instead of two (concatenating is a cheap copy, a
-    # batched product of tiny matrices is not)
-    a = torch.cat([carry_c.to(ct).transpose(-1, -2), write_c.to(ct)], dim=-1)  # [.., n, n+m]
-    hz = torch.cat([h.to(ct), z.to(ct)], dim=1)  # [N, n+m, d]
-    return a, hz
-
-
 def write(h, z, carry_c, write_c):
-    """``H' = WriteT @ Z + Carry^T @ H``: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype of ``h``."""
+    """``H' = WriteT @ Z + Carry^T @ H``: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype of ``h``.
+
+    Two batched matmuls, the second accumulating in place (stacking ``[H ; Z]`` into one operand instead costs a
+    concatenation that is slower than the second small-matrix bmm; benchmarks/NOTES.md).
+    """
     ct = compute_dtype(h.dtype)
-    a, hz = _stack_write(h, z, carry_c, write_c, ct)
-    return torch.matmul(a, hz).to(h.dtype)  # [N, n, d]
+    out = torch.matmul(carry_c.to(ct).transpose(-1, -2), h.to(ct))  # [N, n, d]
+    zf, wc = z.to(ct), write_c.to(ct)
+    if wc.dim() == 3:
+        out.baddbmm_(wc, zf)  # += WriteT @ Z without a temporary
+    else:
+        out += torch.matmul(wc, zf)
+    return out.to(h.dtype)
 
 
 def write_backward(h, z, carry_c, write_c, grad_out):
@@ -174,20 +175,17 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     When the coefficients are static (2-D), their gradients are summed over tokens.
     """
     ct = compute_dtype(h.dtype)
-    n = h.shape[1]
     g = grad_out.to(ct)  # [N, n, d]
-    a, hz = _stack_write(h, z, carry_c, write_c, ct)
-    g_hz = torch.matmul(a.transpose(-1, -2), g)  # [N, n+m, d]: rows [:n] -> H, [n:] -> Z
+    hf, zf = h.to(ct), z.to(ct)
+    wc, cc = write_c.to(ct), carry_c.to(ct)
+    g_z = torch.matmul(wc.transpose(-1, -2), g)  # [N, m, d]
+    g_h = torch.matmul(cc, g)  # [N, n, d]
     if write_c.dim() == 2:
-        k = hz.shape[1]
-        # sum over tokens of g[t] @ hz[t]^T as one GEMM: [n, N*d] @ [N*d, n+m]
-        g_a = g.transpose(0, 1).reshape(n, -1) @ hz.transpose(0, 1).reshape(k, -1).t()  # [n, n+m]
+        n, m = wc.shape
+        g_flat = g.transpose(0, 1).reshape(n, -1)  # [n, N*d]
+        g_write_c = g_flat @ zf.transpose(0, 1).reshape(m, -1).t()  # [n, m]
+        g_carry_c = hf.transpose(0, 1).reshape(n, -1) @ g_flat.t()  # [n, n]
     else:
-        g_a = torch.matmul(g, hz.transpose(-1, -2))  # [N, n, n+m]
-    g_carry_c = g_a[..., :n].transpose(-1, -2)
-    g_write_c = g_a[..., n:]
-    # clones: the four outputs are slices of two tensors and must not alias each other
-    return tuple(
-        t.clone(memory_format=torch.contiguous_format).to(ref.dtype)
-        for t, ref in ((g_hz[:, :n], h), (g_hz[:, n:], z), (g_carry_c, carry_c), (g_write_c, write_c))
-    )
+        g_write_c = torch.matmul(g, zf.transpose(-1, -2))  # [N, n, m]
+        g_carry_c = torch.matmul(hf, g.transpose(-1, -2))  # [N, n, n]
+    return g_h.to(h.dtype), g_z.to(z.dtype), g_carry_c.to(carry_c.dtype), g_write_c.to(write_c.dtype)
