@@ -290,9 +290,11 @@ def find_residual_updates(graph: fx.Graph, block: nn.Module, stream_name: str, w
         widths.add(top)
     if not updates:
         adds = [n for n in graph.nodes if _is_add(n)]
+        children = [name for name, _ in block.named_children()]
         raise UnsupportedModelError(
-            f"{where}: expected pre-norm residual updates s + f(norm(s)) on the stream input; found none "
-            f"({len(adds)} add(s) in the block, none of them adds the stream to a function of itself)"
+            f"{where}: expected residual updates s + f(s) in the block's own code (pre-norm: s + f(norm(s))); "
+            f"found none ({len(adds)} add(s) in the block's code, none adds the stream to a function of itself). "
+            f"A residual add hidden inside a submodule ({', '.join(children)}) cannot be rewritten"
         )
     for user in stream.users:
         if user.op == "output" or _is_meta_use(user):

@@ -22,7 +22,10 @@ from torch import nn
 
 from vwn_transform.config import UnsupportedModelError
 
-__all__ = ["ModelStructure", "BlockCall", "probe_model", "default_example_inputs", "is_norm_module"]
+__all__ = [
+    "ModelStructure", "BlockCall", "check_stream_ends", "default_example_inputs", "diagnose_post_ln", "is_norm_module",
+    "primary_output", "probe_model", "run_quietly",
+]
 
 
 @dataclasses.dataclass
@@ -44,6 +47,7 @@ class ModelStructure:
     head: str | None
     example_inputs: tuple
     reference_output: torch.Tensor | None  # the model's primary output on example_inputs
+    problem: str | None = None  # why the final norm/head could not be placed (raised by check_stream_ends)
 
 
 def is_norm_module(module: nn.Module) -> bool:
@@ -196,19 +200,6 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
             f"could not find the embeddings feeding the residual stream of {type(model).__name__}: the input of "
             f"{calls[first_idx][0]} is not computed from any nn.Embedding"
         )
-    for name in embeddings:
-        mod = model.get_submodule(name)
-        if not isinstance(mod, nn.Embedding):
-            raise UnsupportedModelError(
-                f"the residual stream entering {calls[first_idx][0]} is computed from {name} "
-                f"({type(mod).__name__}); expected only nn.Embedding modules (token/position/type embeddings)"
-            )
-        if mod.embedding_dim != hidden:
-            raise UnsupportedModelError(
-                f"embedding {name} has width {mod.embedding_dim} but the residual stream has width {hidden}; "
-                "expected embeddings of the stream width"
-            )
-
     block_names = {name for _, name in blocks}
     final_idx = None
     last_out = _first_tensor(outputs.get(last_idx))
@@ -223,27 +214,25 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
                 inp.data_ptr() == last_out.data_ptr():
             final_idx = i
             break
+    # Problems at the ends of the stream are reported by check_stream_ends(), after the blocks were analysed.
+    final_name, final_kind, head, problem = "", "", None, None
     if final_idx is None:
-        raise UnsupportedModelError(
-            f"expected a final norm or head applied to the residual stream after {blocks[-1][1]}; "
-            "found no module consuming it"
-        )
-    final_name, final_mod = calls[final_idx][0], calls[final_idx][1]
-    if is_norm_module(final_mod):
-        final_kind = "norm"
-    elif isinstance(final_mod, nn.Linear) and final_mod.in_features == hidden:
-        final_kind = "head"
+        problem = (f"expected a final norm or head applied to the residual stream after {blocks[-1][1]}; "
+                   "found no module consuming it")
     else:
-        raise UnsupportedModelError(
-            f"expected the residual stream after {blocks[-1][1]} to enter a norm or a linear head, found "
-            f"{final_name} ({type(final_mod).__name__})"
-        )
-    head = None
-    for i in range(final_idx + (1 if final_kind == "norm" else 0), len(calls)):
-        name, mod = calls[i][0], calls[i][1]
-        if isinstance(mod, nn.Linear) and mod.in_features == hidden:
-            head = name
-            break
+        final_name, final_mod = calls[final_idx][0], calls[final_idx][1]
+        if is_norm_module(final_mod):
+            final_kind = "norm"
+        elif isinstance(final_mod, nn.Linear) and final_mod.in_features == hidden:
+            final_kind = "head"
+        else:
+            problem = (f"expected the residual stream after {blocks[-1][1]} to enter a norm or a linear head, "
+                       f"found {final_name} ({type(final_mod).__name__})")
+        for i in range(final_idx + (1 if final_kind == "norm" else 0), len(calls)):
+            name, mod = calls[i][0], calls[i][1]
+            if isinstance(mod, nn.Linear) and mod.in_features == hidden:
+                head = name
+                break
     return ModelStructure(
         hidden_size=hidden,
         container=blocks[0][1].rsplit(".", 1)[0] if "." in blocks[0][1] else "",
@@ -254,7 +243,64 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
         head=head,
         example_inputs=example_inputs,
         reference_output=None if primary_output(out) is None else primary_output(out).detach(),
+        problem=problem,
     )
+
+
+def check_stream_ends(model: nn.Module, structure: ModelStructure) -> None:
+    """The residual stream must start from nn.Embedding outputs of the stream width and end in a norm or head.
+
+    Checked after the blocks were analysed, so a model with unsupported blocks hears about its blocks first.
+    """
+    if structure.problem:
+        raise UnsupportedModelError(structure.problem)
+    first = structure.blocks[0].name
+    for name in structure.embeddings:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, nn.Embedding):
+            raise UnsupportedModelError(
+                f"the residual stream entering {first} is computed from {name} ({type(mod).__name__}); expected "
+                "only nn.Embedding modules (token/position/type embeddings) before the first block"
+            )
+        if mod.embedding_dim != structure.hidden_size:
+            raise UnsupportedModelError(
+                f"embedding {name} has width {mod.embedding_dim} but the residual stream has width "
+                f"{structure.hidden_size}; expected embeddings of the stream width"
+            )
+
+
+def diagnose_post_ln(block: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Find a BERT-style post-LN sum inside ``block`` numerically: a norm whose input is ``s + M(...)`` for the
+    block input ``s`` and the output of some submodule ``M``. Used only to explain a refusal."""
+    stream = _stream_arg(args, kwargs)
+    if stream is None:
+        return None
+    seen: list[tuple[str, nn.Module, Any, Any]] = []
+    handles = [
+        mod.register_forward_hook(lambda mod, a, k, out, name=name: seen.append((name, mod, a, out)), with_kwargs=True)
+        for name, mod in block.named_modules() if mod is not block
+    ]
+    restore = _restore_training(block)
+    try:
+        block.eval()
+        with torch.no_grad():
+            block(*args, **kwargs)
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        restore()
+    outputs = [(name, _first_tensor(out)) for name, _, _, out in seen]
+    for name, mod, a, _ in seen:
+        x = _first_tensor(a)
+        if not is_norm_module(mod) or x is None or x.shape != stream.shape:
+            continue
+        for other, out in outputs:
+            if other != name and out is not None and out.shape == x.shape and torch.allclose(x, stream + out,
+                                                                                              atol=1e-5):
+                return f"{name} normalizes the residual sum of the block input and {other}"
+    return None
 
 
 def _find_block_chain(model, calls, outputs, containers) -> list[tuple[int, str]]:

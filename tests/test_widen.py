@@ -392,8 +392,31 @@ def test_bert_is_refused():
     with pytest.raises(UnsupportedModelError) as exc:
         vwn_transform.widen(model, 2)
     msg = str(exc.value)
-    assert "expected" in msg and "BertLayer" in msg or "LayerNorm" in msg
+    assert "post-LN" in msg and "bert.encoder.layer.0 (BertLayer)" in msg and "LayerNorm" in msg, msg
     _assert_unchanged(model, snap)
+
+
+def test_residual_adds_inside_submodules_are_refused():
+    model = tiny_hf("bloom", n_embed=32, n_layer=2, n_head=4)  # BloomBlock passes the residual into its MLP
+    with pytest.raises(UnsupportedModelError, match="transformer.h.0 \\(BloomBlock\\).*found none.*inside a submodule"):
+        vwn_transform.widen(model, 2)
+
+
+class EmbeddingNormModel(TokenModel):
+    def __init__(self):
+        super().__init__(PreLNBlock)
+        self.emb_norm = nn.LayerNorm(16)
+
+    def forward(self, ids):
+        x = self.emb_norm(self.emb(ids))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def test_stream_not_starting_at_embeddings_is_refused_naming_the_module():
+    with pytest.raises(UnsupportedModelError, match="computed from emb_norm \\(LayerNorm\\)"):
+        vwn_transform.widen(EmbeddingNormModel(), 2)
 
 
 def test_plain_mlp_has_no_residual_stream():

@@ -33,7 +33,14 @@ from vwn_transform.passes.block_graph import (
     rewrite_block_graph,
     trace_block,
 )
-from vwn_transform.passes.probe import ModelStructure, primary_output, probe_model, run_quietly
+from vwn_transform.passes.probe import (
+    ModelStructure,
+    check_stream_ends,
+    diagnose_post_ln,
+    primary_output,
+    probe_model,
+    run_quietly,
+)
 
 __all__ = ["widen", "plan", "WidenPlan", "ghc_params", "ghc_flops_per_token"]
 
@@ -207,8 +214,18 @@ def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs):
         spec, _ = CallSpec.from_call(call.module, call.args, call.kwargs)
         where = f"{call.name} ({type(call.module).__name__})"
         graph = trace_block(call.module, spec)
-        updates = find_residual_updates(graph, call.module, spec.stream_placeholder(), where)
+        try:
+            updates = find_residual_updates(graph, call.module, spec.stream_placeholder(), where)
+        except UnsupportedModelError as exc:
+            post_ln = diagnose_post_ln(call.module, call.args, call.kwargs) if "found none" in str(exc) else None
+            if post_ln:
+                raise UnsupportedModelError(
+                    f"{where} is a post-LN block: {post_ln} (BERT-style norm(s + f(s))); expected pre-norm "
+                    "residual blocks s + f(norm(s))"
+                ) from exc
+            raise
         blocks.append(_BlockAnalysis(call.name, spec, graph, updates))
+    check_stream_ends(model, structure)
     return cfg, structure, blocks
 
 
