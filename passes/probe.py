@@ -132,6 +132,8 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
     """Run one forward with hooks and return the model-level structure (see module docstring)."""
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
+    elif isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
     elif not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
 

@@ -254,7 +254,7 @@ def test_parallel_residual_is_one_update():
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ratio,needle", [
     (0.5, "ratio must be >= 1"), (float("nan"), "finite"), (float("inf"), "finite"), ("abc", "'abc'"),
-    ("1/0", "'1/0'"), (-2, "-2"), (1.0001, "1.0001"),
+    ("1/0", "'1/0'"), (-2, "-2"), (1.0001, "1.0001"), (10**6, "1000000"), ("", "''"),
 ])
 def test_bad_ratio_is_value_error_naming_value(ratio, needle):
     model = tiny_gpt()
@@ -265,7 +265,7 @@ def test_bad_ratio_is_value_error_naming_value(ratio, needle):
     _assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("ratio,m,needle", [(2, 3, "m=3 must divide the hidden size 32"),
+@pytest.mark.parametrize("ratio,m,needle", [(2, 3, "m=3 must divide the hidden size 32"), (64, 32, "n=2048 slots"),
                                             ("3/2", 1, "m=1 does not give an integer n"),
                                             (2, 0, "m must be a positive integer"),
                                             (2, 2.5, "2.5")])

@@ -14,6 +14,9 @@ INITS = ("preserve", "paper")
 EMBEDDINGS = ("table", "factorized")
 # Largest denominator accepted when a float ratio is turned into a fraction (1.5 -> 3/2, 1.25 -> 5/4).
 _MAX_DENOMINATOR = 64
+# Most slots a widened state may have: each GHC holds n x n carry weights and the state is n*D/m wide, so a
+# typo like ratio=1e6 would otherwise try to allocate terabytes. The paper goes up to n = 64.
+MAX_SLOTS = 1024
 
 
 class UnsupportedModelError(ValueError):
@@ -121,6 +124,11 @@ class VWNConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.n < self.m:
             raise ValueError(f"n must be >= m (ratio n/m >= 1), got n={self.n}, m={self.m}")
+        if self.n > MAX_SLOTS:
+            raise ValueError(
+                f"n={self.n} slots (ratio {self.n}/{self.m}) is more than the {MAX_SLOTS} supported; the paper uses "
+                "up to n=64 (ratio 8 with m=8)"
+            )
         if not isinstance(self.dynamic, bool):
             raise ValueError(f"dynamic must be True or False, got {self.dynamic!r}")
         if self.init not in INITS:

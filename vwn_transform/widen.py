@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vwn_transform.config import UnsupportedModelError, VWNConfig, choose_slots, parse_ratio
+from vwn_transform.config import MAX_SLOTS, UnsupportedModelError, VWNConfig, choose_slots, parse_ratio
 from vwn_transform.modules import (
     GHC,
     ReduceMixin,
@@ -185,7 +185,9 @@ def _resolve_config(config, ratio, m, dynamic, init, embedding) -> tuple[VWNConf
         return config, {}
     if ratio is None:
         raise ValueError("widen() needs a ratio (e.g. 1.5, '3/2', 4) or a config=VWNConfig(n=..., m=...)")
-    parse_ratio(ratio)
+    r = parse_ratio(ratio)
+    if r > MAX_SLOTS:
+        raise ValueError(f"ratio {ratio!r} needs more than the {MAX_SLOTS} supported slots; the paper uses up to 8")
     # validates dynamic/init/embedding now, before any work on the model
     VWNConfig(n=1, m=1, dynamic=dynamic, init=init, embedding=embedding)
     return None, dict(ratio=ratio, m=m, dynamic=dynamic, init=init, embedding=embedding)
