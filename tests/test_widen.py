@@ -73,6 +73,20 @@ def test_hf_preserves_logits_and_greedy_generate(family, m, n):
     assert torch.equal(out_ref, out_wide)
 
 
+OTHER_FAMILIES = ["qwen3", "phi", "opt", "olmo2", "gemma2", "gemma3_text", "stablelm", "qwen2_moe", "granite",
+                  "starcoder2", "gptj", "codegen", "falcon", "olmoe", "cohere", "gpt_bigcode", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_other_hf_families_preserve_logits(family):
+    """Families no issue names: the same generic mechanism, one ratio each."""
+    model = tiny_hf(family)
+    wide = vwn_transform.widen(model, "3/2")
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        assert (wide(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("m,n", SLOTS)
 @pytest.mark.parametrize("embedding", ["table", "factorized"])
 @pytest.mark.parametrize("dynamic", [True, False])
