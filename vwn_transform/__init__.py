@@ -11,4 +11,20 @@ from .widen import WidenPlan, plan, widen
 
 __version__ = "0.1.0"
 
-__all__ = ["GHC", "UnsupportedModelError", "VWNConfig", "WidenPlan", "plan", "widen", "__version__"]
+__all__ = ["GHC", "UnsupportedModelError", "VWNConfig", "WidenPlan", "export_onnx", "plan", "widen", "__version__"]
+
+
+def export_onnx(model, path, *, example_inputs=None, dynamic=True, opset=20, verify=True, providers=None,
+                atol=1e-4):
+    """Export a (widened) model to ONNX and verify it in onnxruntime; see :func:`vwn_transform.onnx.export_onnx`.
+
+    Needs the ONNX extra: ``pip install 'vwn_transform[onnx]'`` (imported only when called).
+    """
+    try:
+        from .onnx import export_onnx as _export
+    except ImportError as exc:
+        raise ImportError(
+            f"export_onnx needs the ONNX extra: pip install 'vwn_transform[onnx]' (missing: {exc})"
+        ) from exc
+    return _export(model, path, example_inputs=example_inputs, dynamic=dynamic, opset=opset, verify=verify,
+                   providers=providers, atol=atol)
