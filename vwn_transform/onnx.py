@@ -275,15 +275,21 @@ def _export_friendly_experts(model: nn.Module, notes: list[str]):
 
 
 def _variant(example: tuple, names: list[str], dynamic_dims: dict[str, dict[int, str]], bump: int,
-             generator: torch.Generator) -> tuple:
-    """Inputs shaped unlike the export example: every dynamic dim moved (batch -> 1 or +1, seq -> -3 or +9)."""
+             generator: torch.Generator, max_seq: int | None = None) -> tuple:
+    """Inputs shaped unlike the export example: every dynamic dim moved (batch -> 1 or +1, sequence -> -3 or
+    +9, kept within ``[1, max_seq]`` and away from the export size where the range allows)."""
     sizes: dict[str, int] = {}
     for name, t in zip(names, example):
         for dim, axis in dynamic_dims.get(name, {}).items():
             if axis not in sizes:
                 base = t.shape[dim]
-                sizes[axis] = (1 if bump == 0 else base + 1) if axis == "batch" else \
-                    (max(1, base - 3) if bump == 0 else base + 9)
+                if axis == "batch":
+                    sizes[axis] = 1 if bump == 0 else base + 1
+                    continue
+                want = max(1, base - 3) if bump == 0 else base + 9
+                if max_seq is not None and want > max_seq:
+                    want = max_seq if max_seq != base else max(1, base - 1)
+                sizes[axis] = want
     out = []
     for name, t in zip(names, example):
         shape = list(t.shape)
@@ -411,7 +417,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs: tuple | None = None, 
                 export_seconds=elapsed,
             )
             if verify:
-                _verify(wrapper, tmp, report, example_inputs, names, dynamic_dims, chosen)
+                _verify(wrapper, tmp, report, example_inputs, names, dynamic_dims, chosen, _max_positions(model))
         if verify and report.max_abs_diff > atol:
             raise ONNXVerificationError(
                 f"onnxruntime output differs from eager PyTorch by {report.max_abs_diff:.3g} (> atol {atol:g}); "
@@ -427,7 +433,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs: tuple | None = None, 
 
 
 def _verify(wrapper, tmp: Path, report: ExportReport, example: tuple, names: list[str],
-            dynamic_dims: dict[str, dict[int, str]], providers: list[str]) -> None:
+            dynamic_dims: dict[str, dict[int, str]], providers: list[str], max_seq: int | None) -> None:
     ort = _import_onnxruntime()
     session = ort.InferenceSession(str(tmp), providers=providers)
     ran = session.get_providers()
@@ -437,7 +443,8 @@ def _verify(wrapper, tmp: Path, report: ExportReport, example: tuple, names: lis
                            "refusing a silent fallback")
     report.providers = ran
     gen = torch.Generator().manual_seed(0)
-    variants = [_variant(example, names, dynamic_dims, bump, gen) for bump in (0, 1)] if dynamic_dims else [example]
+    variants = [_variant(example, names, dynamic_dims, bump, gen, max_seq) for bump in (0, 1)] if dynamic_dims \
+        else [example]
     for inputs in variants:
         with torch.no_grad():
             ref = wrapper(*inputs).float().cpu().numpy()

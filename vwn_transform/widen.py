@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vwn_transform.config import MAX_SLOTS, UnsupportedModelError, VWNConfig, choose_slots, parse_ratio
+from vwn_transform.mtp import _label_convention, attach_mtp
 from vwn_transform.modules import (
     GHC,
     ReduceMixin,
@@ -134,6 +135,9 @@ class WidenPlan:
         lines.append(f"  reduce D' -> D inserted {where}: {self.final}")
         if self.head:
             lines.append(f"  head: {self.head}")
+        if c.mtp:
+            lines.append(f"  next-2-token prediction: one extra VWN layer (a copy of {self.blocks[-1].name}), "
+                         f"loss weight {c.mtp_weight} (its parameters are not in the counts below)")
         pct = 100.0 * self.params_added / max(self.params_original, 1)
         fpct = 100.0 * self.flops_added_per_token / max(self.flops_original_per_token, 1)
         lines.append(f"  parameters: {self.params_original:,} + {self.params_added:,} ({pct:.2f}%)")
@@ -175,13 +179,14 @@ def _check_not_widened(model: nn.Module) -> None:
             )
 
 
-def _resolve_config(config, ratio, m, dynamic, init, embedding) -> tuple[VWNConfig | None, dict]:
+def _resolve_config(config, ratio, m, dynamic, init, embedding, mtp=False, mtp_weight=0.3
+                    ) -> tuple[VWNConfig | None, dict]:
     """Validate what can be validated before looking at the model."""
     if config is not None:
         if not isinstance(config, VWNConfig):
             raise TypeError(f"config must be a VWNConfig, got {type(config).__name__}")
-        if ratio is not None or m is not None:
-            raise ValueError("pass either config=VWNConfig(...) or ratio=/m=, not both")
+        if ratio is not None or m is not None or mtp:
+            raise ValueError("pass either config=VWNConfig(...) or ratio=/m=/mtp=, not both")
         return config, {}
     if ratio is None:
         raise ValueError("widen() needs a ratio (e.g. 1.5, '3/2', 4) or a config=VWNConfig(n=..., m=...)")
@@ -189,21 +194,23 @@ def _resolve_config(config, ratio, m, dynamic, init, embedding) -> tuple[VWNConf
     if r > MAX_SLOTS:
         raise ValueError(f"ratio {ratio!r} needs more than the {MAX_SLOTS} supported slots; the paper uses up to 8")
     # validates dynamic/init/embedding now, before any work on the model
-    VWNConfig(n=1, m=1, dynamic=dynamic, init=init, embedding=embedding)
-    return None, dict(ratio=ratio, m=m, dynamic=dynamic, init=init, embedding=embedding)
+    VWNConfig(n=1, m=1, dynamic=dynamic, init=init, embedding=embedding, mtp=mtp, mtp_weight=mtp_weight)
+    return None, dict(ratio=ratio, m=m, dynamic=dynamic, init=init, embedding=embedding, mtp=mtp,
+                      mtp_weight=mtp_weight)
 
 
-def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs):
+def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, mtp=False, mtp_weight=0.3):
     if not isinstance(model, nn.Module):
         raise TypeError(f"widen() expects a torch.nn.Module, got {type(model).__name__}")
-    fixed, pending = _resolve_config(config, ratio, m, dynamic, init, embedding)
+    fixed, pending = _resolve_config(config, ratio, m, dynamic, init, embedding, mtp, mtp_weight)
     _check_not_widened(model)
     structure = probe_model(model, example_inputs)
     d = structure.hidden_size
     if fixed is None:
         mm, n = choose_slots(pending["ratio"], d, pending["m"])
         cfg = VWNConfig(n=n, m=mm, dynamic=pending["dynamic"], init=pending["init"],
-                        embedding=pending["embedding"], hidden_size=d)
+                        embedding=pending["embedding"], hidden_size=d, mtp=pending["mtp"],
+                        mtp_weight=pending["mtp_weight"])
     else:
         if fixed.hidden_size is not None and fixed.hidden_size != d:
             raise ValueError(f"config.hidden_size={fixed.hidden_size} but the model's residual stream has width {d}")
@@ -281,7 +288,7 @@ def _build_plan(model, cfg, structure, blocks) -> WidenPlan:
 
 def plan(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
          dynamic: bool = True, init: str = "preserve", embedding: str = "table",
-         example_inputs: tuple | None = None) -> WidenPlan:
+         example_inputs: tuple | None = None, mtp: bool = False, mtp_weight: float = 0.3) -> WidenPlan:
     """Report what :func:`widen` would do to ``model``, without changing it.
 
     Example:
@@ -294,7 +301,8 @@ def plan(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: V
         >>> print(p)  # doctest: +ELLIPSIS
         VWN plan for GPT...
     """
-    cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs)
+    cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, mtp,
+                                      mtp_weight)
     return _build_plan(model, cfg, structure, blocks)
 
 
@@ -428,7 +436,7 @@ def _check_output(target: nn.Module, structure: ModelStructure, cfg: VWNConfig) 
 
 def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
           dynamic: bool = True, init: str = "preserve", embedding: str = "table", inplace: bool = False,
-          example_inputs: tuple | None = None) -> nn.Module:
+          example_inputs: tuple | None = None, mtp: bool = False, mtp_weight: float = 0.3) -> nn.Module:
     """Rewrite a pre-norm transformer into its Virtual-Width form.
 
     Args:
@@ -443,6 +451,10 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
         embedding: ``"table"`` or ``"factorized"``.
         inplace: rewrite ``model`` itself instead of a deep copy.
         example_inputs: positional inputs for the probe forward; default a ``[1, 8]`` batch of token ids.
+        mtp: add next-2-token prediction (:mod:`vwn_transform.mtp`): when the model is called with labels
+            (``labels`` or ``targets``), its loss becomes next-token loss + ``mtp_weight`` x next-2-token loss;
+            without labels it computes exactly what it would without MTP.
+        mtp_weight: weight of the next-2-token loss (default 0.3).
 
     Returns:
         The widened model, of the same class (``model.vwn_config`` records the config). widen() runs the probe
@@ -466,7 +478,10 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
     start = time.perf_counter()
     if not isinstance(inplace, bool):
         raise ValueError(f"inplace must be True or False, got {inplace!r}")
-    cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs)
+    cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, mtp,
+                                      mtp_weight)
+    if cfg.mtp:
+        _label_convention(model)  # refuse before any work on the model
     target = model if inplace else copy.deepcopy(model)
     op = _Surgery()
     try:
@@ -502,6 +517,8 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
                 raise UnsupportedModelError(
                     f"the widened {type(model).__name__} fails on the probe input: {type(exc).__name__}: {exc}"
                 ) from exc2
+        if cfg.mtp:
+            attach_mtp(target, structure, cfg, op)
     except BaseException:
         op.rollback()
         raise

@@ -1,0 +1,170 @@
+"""The `vwn` console script (through subprocess, as users run it) and the demo's analysis functions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vwn_transform.demo import fit_log_linear, token_efficiency, tokens_to_reach
+
+VWN = Path(sys.executable).parent / "vwn"  # the installed console script
+
+
+def run_vwn(*args, cwd=None, timeout=300):
+    assert VWN.is_file(), f"the console script is not installed at {VWN} (pip install -e .)"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("VWN_TRACEBACK", None)
+    return subprocess.run([str(VWN), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env)
+
+
+def assert_one_line_error(proc, status, *needles):
+    assert proc.returncode == status, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------
+def test_help_lists_commands_with_examples():
+    top = run_vwn("--help")
+    assert top.returncode == 0
+    for command in ("demo", "study", "plan", "widen", "export"):
+        assert command in top.stdout
+        sub = run_vwn(command, "--help")
+        assert sub.returncode == 0 and "examples:" in sub.stdout and f"vwn {command}" in sub.stdout
+
+
+def test_demo_quick_writes_results_plot_and_onnx(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_vwn("demo", "--quick", "--steps", 5, "--out", out, "--no-progress", "--mtp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["m"], results["n"], results["ratio"]) == (2, 8, "4")
+    assert results["settings"]["steps"] == 5 and results["mtp"] is True
+    assert len(results["tokens"]) == len(results["val_loss"]["baseline"]) == len(results["val_loss"]["widened"])
+    assert results["tokens"][0] == 0 and results["tokens"][-1] == 5 * results["settings"]["batch_size"] * \
+        results["settings"]["block_size"]
+    # same seed, same weights at step 0: the function-preserving twin starts at the baseline's loss
+    assert abs(results["val_loss"]["baseline"][0] - results["val_loss"]["widened"][0]) <= 1e-5
+    assert len(results["val_mtp_loss"]) == len(results["tokens"])
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["onnx"]["max_abs_diff"] <= 1e-4 and (out / "widened.onnx").is_file()
+    assert "token efficiency" in proc.stdout and "| tokens |" in proc.stdout
+
+
+def test_study_quick_fits_and_plots(tmp_path):
+    out = tmp_path / "study"
+    proc = run_vwn("study", "--quick", "--steps", 3, "--ratios", "1,2,4", "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "study.json").read_text())
+    assert results["ratios"] == ["1", "2", "4"] and results["fit_r_ge_2"]["points"] == 2
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert "log2(r)" in proc.stdout
+
+
+def test_plan_widen_export(tmp_path):
+    proc = run_vwn("plan", "--hf", "llama", "--tiny", "--ratio", "3/2")
+    assert proc.returncode == 0 and "r = n/m = 3/2" in proc.stdout and "LlamaForCausalLM" in proc.stdout
+
+    out = tmp_path / "wide_gpt"
+    proc = run_vwn("widen", "--gpt", "--ratio", 4, "--m", 2, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    recipe = json.loads((out / "vwn_recipe.json").read_text())
+    assert (recipe["vwn_config"]["n"], recipe["vwn_config"]["m"]) == (8, 2)
+    assert (out / "model.pt").is_file()
+
+    out = tmp_path / "wide_qwen"
+    proc = run_vwn("widen", "--hf", "qwen2", "--tiny", "--ratio", 2, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+    target = tmp_path / "llama.onnx"
+    proc = run_vwn("export", "--hf", "llama", "--tiny", "--ratio", "1.5", "--out", target)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert target.is_file() and "max abs diff" in proc.stdout and "widened by vwn_transform: yes" in proc.stdout
+
+
+@pytest.mark.parametrize("args,status,needles", [
+    (("demo", "--steps", "0"), 2, ["--steps", "positive integer"]),
+    (("demo", "--ratio", "abc"), 2, ["abc"]),
+    (("study", "--ratios", ","), 2, ["comma-separated"]),
+    (("plan", "--gpt", "--ratio", "-2"), 2, ["-2"]),
+    (("plan", "--ratio", "2"), 1, ["exactly one model"]),
+    (("plan", "--gpt", "--hf", "llama", "--ratio", "2"), 1, ["exactly one model"]),
+    (("plan", "--hf", "llama", "--ratio", "2"), 1, ["--tiny"]),
+    (("plan", "--hf", "not_a_model", "--tiny", "--ratio", "2"), 1, ["not_a_model"]),
+    (("plan", "/nonexistent/checkpoint", "--ratio", "2"), 1, ["/nonexistent/checkpoint"]),
+    (("plan", "--gpt", "--ratio", "5/3"), 1, ["5/3"]),  # D=128 has no m with n = 5/3 m dividing it? (m=3 no)
+    (("export", "--gpt", "--out", "x.onnx"), 1, ["--ratio", "--plain"]),
+    (("demo", "--device", "cuda:0", "--quick"), 1, ["CUDA is not available"]),
+    (("nonsense",), 2, ["invalid choice"]),
+])
+def test_bad_arguments_one_line_nonzero(args, status, needles, tmp_path):
+    if args[:2] == ("demo", "--device") and __import__("torch").cuda.is_available():
+        args = ("demo", "--device", "tpu", "--quick")
+        needles = ["tpu"]
+    assert_one_line_error(run_vwn(*args, cwd=tmp_path), status, *needles)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_widen_refuses_a_non_empty_output_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    assert_one_line_error(run_vwn("widen", "--gpt", "--ratio", 2, "--out", tmp_path), 1, "not empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# analysis on synthetic data
+# ------------------------------------------------------------------------------------------------------------
+TOKENS = [0, 100, 200, 300, 400]
+
+
+def test_token_efficiency_interpolates():
+    base = [5.0, 4.0, 3.0, 2.5, 2.0]
+    wide = [5.0, 3.0, 2.2, 1.9, 1.8]  # reaches 2.0 between 200 (2.2) and 300 (1.9): 200 + 100 * 0.2/0.3
+    assert tokens_to_reach(TOKENS, wide, 2.0) == pytest.approx(200 + 100 * 0.2 / 0.3)
+    assert token_efficiency(TOKENS, base, wide) == pytest.approx(400 / (200 + 100 * 0.2 / 0.3))
+    assert token_efficiency(TOKENS, base, base) == pytest.approx(1.0)
+
+
+def test_token_efficiency_non_monotone_and_not_reached():
+    base = [5.0, 3.0, 1.9, 2.1, 2.0]  # the baseline first reaches its final 2.0 between 100 and 200
+    wide = [5.0, 2.5, 2.4, 2.3, 2.0]  # the widened model only at 400
+    assert token_efficiency(TOKENS, base, wide) == pytest.approx((100 + 100 * 1.0 / 1.1) / 400)
+    assert token_efficiency(TOKENS, base, [5.0, 4.0, 3.0, 2.5, 2.1]) is None
+    with pytest.raises(ValueError, match="equal length"):
+        tokens_to_reach([0, 1], [1.0], 0.5)
+
+
+def test_log_linear_fit_recovers_the_law_and_matches_numpy():
+    ratios = [2, 4, 8]
+    exact = [1.6212 - 0.0069 * math.log2(r) for r in ratios]
+    fit = fit_log_linear(ratios, exact)
+    assert fit["a"] == pytest.approx(1.6212) and fit["b"] == pytest.approx(0.0069) and fit["r2"] == pytest.approx(1)
+    noisy = [2.10, 2.07, 2.06, 2.02]
+    rs = [2, 4, 8, 16]
+    fit = fit_log_linear(rs, noisy)
+    slope, intercept = np.polyfit(np.log2(rs), noisy, 1)
+    pred = intercept + slope * np.log2(rs)
+    r2 = 1 - ((np.array(noisy) - pred) ** 2).sum() / ((np.array(noisy) - np.mean(noisy)) ** 2).sum()
+    assert fit["a"] == pytest.approx(intercept) and fit["b"] == pytest.approx(-slope) and fit["r2"] == pytest.approx(r2)
+    with pytest.raises(ValueError, match="two distinct"):
+        fit_log_linear([2, 2], [1.0, 1.1])
+
+
+def test_demo_with_an_impossible_ratio_writes_nothing(tmp_path):
+    # D=64 in --quick: r = 5/3 needs m divisible by 3
+    assert_one_line_error(run_vwn("demo", "--quick", "--ratio", "5/3", "--out", tmp_path / "x"), 1, "5/3")
+    assert not any(tmp_path.iterdir())
