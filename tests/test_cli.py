@@ -168,3 +168,17 @@ def test_demo_with_an_impossible_ratio_writes_nothing(tmp_path):
     # D=64 in --quick: r = 5/3 needs m divisible by 3
     assert_one_line_error(run_vwn("demo", "--quick", "--ratio", "5/3", "--out", tmp_path / "x"), 1, "5/3")
     assert not any(tmp_path.iterdir())
+
+
+def test_plan_and_export_a_local_checkpoint_directory(tmp_path):
+    from hf_models import tiny_hf
+
+    ckpt = tmp_path / "ckpt"
+    tiny_hf("mistral").save_pretrained(str(ckpt))
+    proc = run_vwn("plan", ckpt, "--ratio", 2, "--m", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MistralForCausalLM" in proc.stdout and "(m, n)" not in proc.stderr
+    target = tmp_path / "plain.onnx"
+    proc = run_vwn("export", ckpt, "--plain", "--out", target)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "widened by vwn_transform: no" in proc.stdout and target.is_file()

@@ -7,11 +7,14 @@
 
 from .config import UnsupportedModelError, VWNConfig
 from .modules import GHC
+from .persist import CheckpointError, from_pretrained, load, save
+from .training import param_groups
 from .widen import WidenPlan, plan, widen
 
 __version__ = "0.1.0"
 
-__all__ = ["GHC", "UnsupportedModelError", "VWNConfig", "WidenPlan", "export_onnx", "plan", "widen", "__version__"]
+__all__ = ["CheckpointError", "GHC", "UnsupportedModelError", "VWNConfig", "WidenPlan", "export_onnx",
+           "from_pretrained", "load", "param_groups", "plan", "save", "widen", "__version__"]
 
 
 def export_onnx(model, path, *, example_inputs=None, dynamic=True, opset=20, verify=True, providers=None,

@@ -179,19 +179,10 @@ def widened_twin(base: GPT, ratio, m: int | None, mtp: bool = False) -> nn.Modul
 
 
 def make_optimizer(model: nn.Module, settings: DemoSettings) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices except the static GHC matrices (the paper prescribes none there),
-    no decay on vectors (norm gains, biases, GHC scales)."""
-    static_ghc = {"read", "carry", "write"}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2 or name.rsplit(".", 1)[-1] in static_ghc:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
+    """AdamW over :func:`~vwn_transform.param_groups` (no decay on static GHC matrices and vectors)."""
+    from .training import param_groups
+
+    return torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
 
 
 def lr_at(step: int, settings: DemoSettings) -> float:
@@ -342,6 +333,17 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, xlabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_curves(history: dict, path: Path, title: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
@@ -350,14 +352,7 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
         ax.plot(tokens[1:], losses[1:], marker="o", markersize=3, label=f"{name} (next token)")
     for name, losses in history.get("val_mtp", {}).items():
         ax.plot(tokens[1:], losses[1:], linestyle="--", label=f"{name} (next-2 token)")
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, ax, "training tokens (M)", title, path)
 
 
 def plot_study(finals: dict[str, float], fit: dict | None, path: Path, title: str) -> None:
@@ -372,19 +367,16 @@ def plot_study(finals: dict[str, float], fit: dict | None, path: Path, title: st
         lo, hi = min(xs), max(xs)
         ax.plot([lo, hi], [fit["a"] - fit["b"] * lo, fit["a"] - fit["b"] * hi], "--",
                 label=f"fit on r>=2: {fit['a']:.4f} - {fit['b']:.4f} log2 r (R^2={fit['r2']:.3f})")
-    ax.set_xlabel("log2(expansion ratio r)")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, ax, "log2(expansion ratio r)", title, path)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # the two experiments
 # ------------------------------------------------------------------------------------------------------------
+def _echo(message: str) -> None:
+    print(message, flush=True)  # flushed: users follow long runs through pipes and log files
+
+
 def _environment() -> dict:
     from . import __version__
 
@@ -404,9 +396,10 @@ def _prepare_out(out_dir) -> Path:
 
 
 def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, mtp: bool = False,
-             export: bool = True, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+             export: bool = True, progress: bool = True, echo: Callable[[str], None] | None = None) -> dict:
     """Train the reference GPT and its widened twin; write ``results.json``, ``loss_curves.png`` and (when the
     ONNX extra is installed and ``export``) ``widened.onnx`` into ``out_dir``. Returns the results dict."""
+    echo = echo or _echo
     r = parse_ratio(ratio)
     choose_slots(r, settings.n_embd, m)  # a ratio/m the model cannot take fails here, before any file is written
     device = resolve_device(settings.device)  # validate everything before creating the output folder
@@ -474,9 +467,10 @@ def format_demo_table(results: dict) -> str:
 
 
 def run_study(settings: DemoSettings, out_dir, *, ratios: Sequence = ("1", "1.5", "2", "4", "8"), m: int | None = 2,
-              progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+              progress: bool = True, echo: Callable[[str], None] | None = None) -> dict:
     """Train the reference GPT at each expansion ratio (r=1 is the baseline) and fit ``loss = a - b log2 r`` on
     r >= 2; write ``study.json`` and ``study.png``. Returns the results dict."""
+    echo = echo or _echo
     parsed = [parse_ratio(r) for r in ratios]
     if len(set(parsed)) != len(parsed):
         raise ValueError(f"ratios must be distinct, got {[str(r) for r in parsed]}")

@@ -434,6 +434,31 @@ def _check_output(target: nn.Module, structure: ModelStructure, cfg: VWNConfig) 
         )
 
 
+def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStructure, blocks, cfg: VWNConfig,
+                   op: _Surgery) -> None:
+    """``model.vwn_recipe``: what save/load needs to replay widen() (and, for HF models, ``config.vwn_recipe``,
+    which ``save_pretrained`` writes into config.json)."""
+    from vwn_transform import __version__
+
+    recipe = {
+        "vwn_config": cfg.to_dict(),
+        "vwn_transform_version": __version__,
+        "model_class": type(original).__name__,
+        "wrapped": {"embeddings": list(structure.embeddings), "blocks": [b.name for b in blocks],
+                    "final": structure.final, "head": structure.head},
+    }
+    attn = getattr(getattr(target, "config", None), "_attn_implementation", None)
+    if isinstance(attn, str):
+        recipe["attn_implementation"] = attn  # a runtime choice HF does not save; replayed for exact logits
+    op.set(target, "vwn_recipe", recipe)
+    hf_config = getattr(target, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_json_string"):
+        had = "vwn_recipe" in hf_config.__dict__
+        old = hf_config.__dict__.get("vwn_recipe")
+        hf_config.vwn_recipe = recipe
+        op._undo.append(lambda: setattr(hf_config, "vwn_recipe", old) if had else delattr(hf_config, "vwn_recipe"))
+
+
 def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
           dynamic: bool = True, init: str = "preserve", embedding: str = "table", inplace: bool = False,
           example_inputs: tuple | None = None, mtp: bool = False, mtp_weight: float = 0.3) -> nn.Module:
@@ -519,6 +544,7 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
                 ) from exc2
         if cfg.mtp:
             attach_mtp(target, structure, cfg, op)
+        _record_recipe(target, model, structure, blocks, cfg, op)
     except BaseException:
         op.rollback()
         raise
