@@ -81,14 +81,25 @@ def test_plan_widen_export(tmp_path):
     out = tmp_path / "wide_gpt"
     proc = run_vwn("widen", "--gpt", "--ratio", 4, "--m", 2, "--out", out)
     assert proc.returncode == 0, proc.stderr
-    recipe = json.loads((out / "vwn_recipe.json").read_text())
-    assert (recipe["vwn_config"]["n"], recipe["vwn_config"]["m"]) == (8, 2)
-    assert (out / "model.pt").is_file()
+    import torch
+
+    import vwn_transform
+    from vwn_transform.models import GPT, GPTConfig
+
+    cfg = json.loads((out / "gpt_config.json").read_text())
+    back = vwn_transform.load(out / "model.pt", lambda: GPT(GPTConfig(**cfg)))
+    assert (back.vwn_config.n, back.vwn_config.m) == (8, 2)
+    torch.manual_seed(0)  # the CLI's reference GPT: same seed, same init, function-preserving widen
+    base = GPT(GPTConfig(**cfg)).eval()
+    idx = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert (back(idx)[0] - base(idx)[0]).abs().max().item() <= 1e-5
 
     out = tmp_path / "wide_qwen"
     proc = run_vwn("widen", "--hf", "qwen2", "--tiny", "--ratio", 2, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+    assert vwn_transform.from_pretrained(out).vwn_config.n == 2
 
     target = tmp_path / "llama.onnx"
     proc = run_vwn("export", "--hf", "llama", "--tiny", "--ratio", "1.5", "--out", target)

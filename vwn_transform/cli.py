@@ -188,19 +188,20 @@ def cmd_widen(args) -> int:
         raise CLIError(f"output folder {str(out)!r} exists and is not empty; choose a new folder")
     wide = widen(model, args.ratio, **_widen_kwargs(args), inplace=True)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = {"vwn_config": wide.vwn_config.to_dict(), "source": args.checkpoint or args.hf or "gpt"}
     if kind == "hf":
-        wide.save_pretrained(str(out))
+        wide.save_pretrained(str(out))  # config.json records the recipe; load with vwn_transform.from_pretrained
+        how = f"vwn_transform.from_pretrained({str(out)!r})"
     else:
-        import torch
-
-        torch.save(wide.state_dict(), out / "model.pt")
         import dataclasses
 
-        recipe["gpt_config"] = dataclasses.asdict(wide.config)
-    (out / "vwn_recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+        from .persist import save
+
+        save(wide, out / "model.pt")
+        (out / "gpt_config.json").write_text(json.dumps(dataclasses.asdict(wide.config), indent=2))
+        how = (f"vwn_transform.load({str(out / 'model.pt')!r}, lambda: GPT(GPTConfig(**json.load(open("
+               f"{str(out / 'gpt_config.json')!r})))))")
     print(f"widened {type(model).__name__} to r={args.ratio} (m={wide.vwn_config.m}, n={wide.vwn_config.n}); "
-          f"saved to {out}/ (weights + vwn_recipe.json)")
+          f"saved to {out}/; load it back with {how}")
     return 0
 
 
