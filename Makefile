@@ -20,7 +20,7 @@ demo: $(STAMP)
 	.venv/bin/vwn demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q -x -m "not gpu" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/transform_speed.py

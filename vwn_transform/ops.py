@@ -8,8 +8,10 @@ is itself a custom op.
 Which implementation runs is chosen explicitly, never by silent fallback:
 
 * ``VWN_IMPL=reference`` (or :func:`set_impl`): the plain-PyTorch math in ``vwn_transform.kernels.reference``.
-* ``VWN_IMPL=triton``: the fused Triton kernels. Not implemented yet: raises ``RuntimeError``.
-* ``VWN_IMPL=auto`` (default): the reference on every device for now (Triton kernels are a later issue).
+* ``VWN_IMPL=triton``: the fused Triton kernels (``vwn_transform.kernels.triton_*``): natively on CUDA tensors,
+  on CPU tensors only under ``TRITON_INTERPRET=1``; anywhere else a ``RuntimeError`` that says why.
+* ``VWN_IMPL=auto`` (default): Triton for CUDA tensors when it can run there (fp32/bf16/fp16, m <= 16,
+  n <= 64, triton installed), the reference otherwise, the reason logged; the reference on the CPU.
 
 The choice is logged once per (op, implementation) and is queryable with :func:`implementations_used`.
 
@@ -66,19 +68,40 @@ def reset_implementations_used() -> None:
     _used.clear()
 
 
-def _resolve(op_name: str, tensor: torch.Tensor) -> str:
+def _triton_obstacle(tensor: torch.Tensor, slots: tuple[int, int]) -> str | None:
+    from vwn_transform.kernels.triton_common import MAX_M, MAX_N, why_not_runnable
+
+    n, m = slots
+    if not (m <= MAX_M and n <= MAX_N):
+        return f"(m, n) = ({m}, {n}) is outside the kernels' range m <= {MAX_M}, n <= {MAX_N}"
+    return why_not_runnable(tensor)
+
+
+def _resolve(op_name: str, tensor: torch.Tensor, slots: tuple[int, int]):
+    """The kernels module to run ``op_name`` with: ``kernels.reference`` or ``kernels.triton_ops``."""
     requested = current_impl()
+    reason = ""
     if requested == "triton":
-        raise RuntimeError(
-            f"VWN_IMPL=triton was requested for vwn::{op_name}, but the Triton GHC kernels are not part of this "
-            "build yet; use VWN_IMPL=reference or VWN_IMPL=auto"
-        )
-    chosen = "reference"
+        obstacle = _triton_obstacle(tensor, slots)
+        if obstacle is not None:
+            raise RuntimeError(f"VWN_IMPL=triton was requested for vwn::{op_name}, but {obstacle}; use "
+                               "VWN_IMPL=reference or VWN_IMPL=auto")
+        chosen = "triton"
+    elif requested == "auto" and tensor.device.type == "cuda":
+        obstacle = _triton_obstacle(tensor, slots)
+        chosen = "triton" if obstacle is None else "reference"
+        reason = "" if obstacle is None else f": {obstacle}"
+    else:
+        chosen = "reference"
     if _used.get(op_name) != chosen:
-        log.info("vwn::%s runs the %s implementation (VWN_IMPL=%s, device %s)", op_name, chosen, requested,
-                 tensor.device.type)
+        log.info("vwn::%s runs the %s implementation (VWN_IMPL=%s, device %s)%s", op_name, chosen, requested,
+                 tensor.device.type, reason)
         _used[op_name] = chosen
-    return chosen
+    if chosen == "triton":
+        from vwn_transform.kernels import triton_ops
+
+        return triton_ops
+    return reference
 
 
 def _tokens(h: torch.Tensor, slots: int) -> torch.Tensor:
@@ -113,10 +136,10 @@ def ghc_read_dynamic(
 
     ``stats`` (pre-tanh logits and per-slot 1/rms, non-differentiable) is saved for the backward.
     """
-    _resolve("ghc_read_dynamic", h)
     n, m = read.shape
+    impl = _resolve("ghc_read_dynamic", h, (n, m))
     lead = h.shape[:-1]
-    x, carry_c, write_c, stats = reference.read_dynamic(
+    x, carry_c, write_c, stats = impl.read_dynamic(
         _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
     )
     # [N, m, d] -> [..., m*d]; coefficients [N, ., .] -> [..., ., .]
@@ -154,9 +177,9 @@ def ghc_read_dynamic_backward(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor,
 ]:
-    _resolve("ghc_read_dynamic_backward", h)
     n, m = read.shape
-    grads = reference.read_dynamic_backward(
+    impl = _resolve("ghc_read_dynamic_backward", h, (n, m))
+    grads = impl.read_dynamic_backward(
         _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,
         stats.reshape(-1, n, stats.shape[-1]), _tokens(grad_x, m), grad_carry_c.reshape(-1, n, n),
         grad_write_c.reshape(-1, n, m),
@@ -200,9 +223,9 @@ torch.library.register_autograd("vwn::ghc_read_dynamic", _read_dynamic_bwd, setu
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vwn::ghc_read_static", mutates_args=())
 def ghc_read_static(h: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-    _resolve("ghc_read_static", h)
     n, m = read.shape
-    return reference.read_static(_tokens(h, n), read).reshape(*h.shape[:-1], -1)
+    impl = _resolve("ghc_read_static", h, (n, m))
+    return impl.read_static(_tokens(h, n), read).reshape(*h.shape[:-1], -1)
 
 
 @ghc_read_static.register_fake
@@ -215,9 +238,9 @@ def _(h, read):
 def ghc_read_static_backward(
     h: torch.Tensor, read: torch.Tensor, grad_x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _resolve("ghc_read_static_backward", h)
     n, m = read.shape
-    g_h, g_read = reference.read_static_backward(_tokens(h, n), read, _tokens(grad_x, m))
+    impl = _resolve("ghc_read_static_backward", h, (n, m))
+    g_h, g_read = impl.read_static_backward(_tokens(h, n), read, _tokens(grad_x, m))
     return g_h.reshape(h.shape), g_read
 
 
@@ -243,9 +266,9 @@ torch.library.register_autograd("vwn::ghc_read_static", _read_static_bwd, setup_
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vwn::ghc_write", mutates_args=())
 def ghc_write(h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor) -> torch.Tensor:
-    _resolve("ghc_write", h)
     n, m = write_c.shape[-2:]
-    out = reference.write(_tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m))
+    impl = _resolve("ghc_write", h, (n, m))
+    out = impl.write(_tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m))
     return out.reshape(h.shape)
 
 
@@ -258,9 +281,9 @@ def _(h, z, carry_c, write_c):
 def ghc_write_backward(
     h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor, grad_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _resolve("ghc_write_backward", h)
     n, m = write_c.shape[-2:]
-    g_h, g_z, g_c, g_w = reference.write_backward(
+    impl = _resolve("ghc_write_backward", h, (n, m))
+    g_h, g_z, g_c, g_w = impl.write_backward(
         _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), _tokens(grad_out, n)
     )
     return g_h.reshape(h.shape), g_z.reshape(z.shape), g_c.reshape(carry_c.shape), g_w.reshape(write_c.shape)

@@ -1,0 +1,73 @@
+"""Shared pieces of the fused Triton GHC kernels: when they may run, block sizes, input checks.
+
+Layout conventions of every kernel (token-major, contiguous):
+
+* ``h`` ``[N, n, d]`` over-width state, ``x``/``z`` ``[N, m, d]`` backbone-width tensors (model dtype);
+* coefficients in fp32: per token ``[N, n, n]`` / ``[N, n, m]`` or static ``[n, n]`` / ``[n, m]``.
+
+A program owns ``BT`` tokens and walks the slot width ``d`` in chunks of ``BD``; slots are padded to powers of
+two of at least 16 (``NP`` for n, ``MP`` for m) so every small product is a ``tl.dot`` (tensor cores on GPU).
+All mixing and accumulation runs in fp32 (``input_precision="ieee"``: no TF32 rounding).
+
+Triton runs natively on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (set before triton is
+imported), which is how CI tests these kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_M, MAX_N = 16, 64
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_not_runnable(t: torch.Tensor) -> str | None:
+    """None when the Triton kernels can run on ``t``; otherwise the reason, for the error message."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'vwn_transform[triton]')"
+    if t.dtype not in SUPPORTED_DTYPES:
+        return f"the Triton GHC kernels support {[str(d) for d in SUPPORTED_DTYPES]}, got {t.dtype}"
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu":
+        if interpreting():
+            return None
+        return ("the tensors are on the CPU and TRITON_INTERPRET=1 is not set (Triton runs on CUDA devices, or on "
+                "the CPU only through its interpreter)")
+    return f"Triton GHC kernels do not run on {t.device.type} tensors"
+
+
+def pow2(x: int, floor: int = 16) -> int:
+    p = floor
+    while p < x:
+        p *= 2
+    return p
+
+
+def check_slots(n: int, m: int) -> None:
+    if not (1 <= m <= MAX_M and 1 <= n <= MAX_N):
+        raise ValueError(f"the Triton GHC kernels support m <= {MAX_M} and n <= {MAX_N}, got (m, n) = ({m}, {n})")
+
+
+def blocks(n: int, d: int) -> tuple[int, int]:
+    """(BT tokens per program, BD slot-width chunk). The interpreter costs ~1 ms per program instance, so it gets
+    large blocks; on GPU about 128 rows of [BT * NP, BD] per program keeps registers in check."""
+    np_ = pow2(n)
+    if interpreting():
+        return 128, pow2(d)
+    return max(1, 128 // np_), min(64, pow2(d))
+
+
+def contiguous3(t: torch.Tensor, slots: int, d: int, name: str) -> torch.Tensor:
+    if t.dim() != 3 or t.shape[1] != slots or t.shape[2] != d:
+        raise ValueError(f"{name} must have shape [N, {slots}, {d}], got {list(t.shape)}")
+    return t.contiguous()
+

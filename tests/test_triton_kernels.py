@@ -1,0 +1,224 @@
+"""Fused Triton GHC kernels vs the reference math: forward and backward on odd shapes and in three dtypes (on the
+CPU through TRITON_INTERPRET=1, set in conftest.py; natively on a GPU with the `gpu` marker), outputs poisoned
+with NaN, gradients compared by name through the custom ops, a 5-step training parity run, and dispatch."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import vwn_transform
+from vwn_transform import ops
+from vwn_transform.kernels import reference as ref
+from vwn_transform.kernels import triton_ops as tri
+from vwn_transform.models import GPT, GPTConfig
+
+SLOTS = [(1, 4), (2, 3), (4, 4), (8, 64)]  # (m, n)
+TOKENS = [1, 577]
+WIDTHS = [24, 40]  # slot widths d that are not powers of two
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def nan_poisoned_outputs(monkeypatch):
+    """Every torch.empty/empty_like made while the kernels run is filled with NaN: unwritten memory shows."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "empty", empty)
+        mp.setattr(torch, "empty_like", empty_like)
+        yield
+
+
+def make_inputs(N, m, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, low=None):
+        t = torch.randn(*shape, generator=g) * scale
+        return (t.abs() + low if low is not None else t).to(DEVICE)
+
+    h = rnd(N, n, d).to(dtype)
+    params = dict(norm_weight=rnd(d, scale=0.3, low=0.5), proj=rnd(d, 2 * m + n, scale=0.5),
+                  read=rnd(n, m), carry=rnd(n, n), write=rnd(m, n), scale_read=rnd(n, m, scale=0.5),
+                  scale_carry=rnd(n, n, scale=0.5), scale_write=rnd(m, n, scale=0.5))
+    return h, params
+
+
+def rel_err(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def kernel_cases(N, m, n, d, dtype, seed=0):
+    """(name, reference outputs, triton outputs, fp64 outputs) for every kernel, forward and backward."""
+    h, p = make_inputs(N, m, n, d, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    gx = torch.randn(N, m, d, generator=g).to(DEVICE, dtype)
+    gcc, gwc = torch.randn(N, n, n, generator=g).to(DEVICE), torch.randn(N, n, m, generator=g).to(DEVICE)
+    z = torch.randn(N, m, d, generator=g).to(DEVICE, dtype)
+    gout = torch.randn(N, n, d, generator=g).to(DEVICE, dtype)
+    args = (p["norm_weight"], p["proj"], p["read"], p["carry"], p["write"], p["scale_read"], p["scale_carry"],
+            p["scale_write"], 1e-6)
+    cc_dyn, wc_dyn = torch.randn(N, n, n, generator=g).to(DEVICE), torch.randn(N, n, m, generator=g).to(DEVICE)
+
+    def run(lib, cast):
+        hh, zz, gg, gxx = cast(h), cast(z), cast(gout), cast(gx)
+        fwd = lib.read_dynamic(hh, *args)
+        stats = fwd[3] if cast(h).dtype != torch.float64 else fwd[3]
+        out = {"read_dynamic": fwd,
+               "read_dynamic_backward": lib.read_dynamic_backward(hh, *args, stats, gxx, gcc, gwc),
+               "read_static": (lib.read_static(hh, p["read"]),),
+               "read_static_backward": lib.read_static_backward(hh, p["read"], gxx)}
+        for kind, (cc, wc) in {"dynamic": (cc_dyn, wc_dyn), "static": (p["carry"], p["write"].t())}.items():
+            out[f"write_{kind}"] = (lib.write(hh, zz, cc, wc),)
+            out[f"write_{kind}_backward"] = lib.write_backward(hh, zz, cc, wc, gg)
+        return out
+
+    want = run(ref, lambda t: t)
+    exact = run(ref, lambda t: t.double())
+    got = run(tri, lambda t: t)
+    return want, got, exact
+
+
+@pytest.mark.parametrize("m,n", SLOTS)
+@pytest.mark.parametrize("N", TOKENS)
+@pytest.mark.parametrize("d", WIDTHS)
+def test_kernels_match_reference_fp32(m, n, N, d, monkeypatch):
+    with nan_poisoned_outputs(monkeypatch):
+        want, got, _ = kernel_cases(N, m, n, d, torch.float32)
+    for name in want:
+        for i, (w, g) in enumerate(zip(want[name], got[name])):
+            assert g.shape == w.shape and g.dtype == w.dtype, (name, i)
+            assert torch.isfinite(g).all(), f"{name}[{i}] has unwritten (NaN) entries"
+            assert rel_err(g, w) <= 2e-5, (name, i, rel_err(g, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n", [(2, 3), (8, 64)])
+def test_kernels_low_precision_within_twice_the_reference_error(dtype, m, n, monkeypatch):
+    with nan_poisoned_outputs(monkeypatch):
+        want, got, exact = kernel_cases(577, m, n, 40, dtype, seed=3)
+    for name in want:
+        for i, (w, g, e) in enumerate(zip(want[name], got[name], exact[name])):
+            assert g.dtype == w.dtype and torch.isfinite(g).all(), (name, i)
+            ref_error = rel_err(w, e)
+            assert rel_err(g, e) <= 2 * ref_error + 1e-6, (name, i, rel_err(g, e), ref_error)
+
+
+OP_INPUTS = ["h", "norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry", "scale_write"]
+
+
+@pytest.mark.parametrize("m,n,N,d", [(2, 3, 577, 24), (8, 64, 5, 40), (1, 4, 1, 40)])
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_custom_op_gradients_by_name(m, n, N, d, dynamic):
+    """One GHC step through torch.ops.vwn (read, a sublayer, write) with each implementation; every gradient."""
+    h, p = make_inputs(N, m, n, d, torch.float32, seed=5)
+    z_w = torch.randn(d, d, generator=torch.Generator().manual_seed(9)).to(DEVICE) / d ** 0.5
+    cot = torch.randn(N, n * d, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+
+    def step(impl):
+        ops.set_impl(impl)
+        try:
+            leaves = {"h": h.reshape(N, n * d).clone().requires_grad_()}
+            leaves.update({k: v.clone().requires_grad_() for k, v in p.items()})
+            if dynamic:
+                x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(leaves["h"], *(leaves[k] for k in OP_INPUTS[1:]), 1e-6)
+            else:
+                x = torch.ops.vwn.ghc_read_static(leaves["h"], leaves["read"])
+                cc, wc = leaves["carry"], leaves["write"].t()
+            z = torch.tanh(x.reshape(N, m, d) @ z_w).reshape(N, m * d)  # a stand-in sublayer
+            out = torch.ops.vwn.ghc_write(leaves["h"], z, cc, wc)
+            names = [k for k, v in leaves.items()]
+            grads = torch.autograd.grad((out * cot).sum(), list(leaves.values()), allow_unused=True)
+            return out.detach(), dict(zip(names, grads)), ops.implementations_used()
+        finally:
+            ops.set_impl(None)
+
+    ops.reset_implementations_used()
+    out_ref, g_ref, used_ref = step("reference")
+    ops.reset_implementations_used()
+    out_tri, g_tri, used_tri = step("triton")
+    assert set(used_ref.values()) == {"reference"} and set(used_tri.values()) == {"triton"}
+    assert rel_err(out_tri, out_ref) <= 2e-5
+    for name, g in g_ref.items():
+        if g is None:
+            assert g_tri[name] is None, name
+            continue
+        assert rel_err(g_tri[name], g) <= 2e-5, (name, rel_err(g_tri[name], g))
+
+
+def test_training_parity_five_steps():
+    """Tolerance: 1e-5 on losses and parameters in fp32. Adam turns gradient rounding differences into update
+    differences of up to ~lr per step for near-zero gradients, so the learning rate is kept at 1e-3."""
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    torch.manual_seed(0)
+    base = GPT(cfg)
+    idx = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(2))
+
+    def train(impl):
+        model = vwn_transform.widen(base, 4, m=2, init="paper").train()
+        opt = torch.optim.AdamW(vwn_transform.param_groups(model, 0.1), lr=1e-3)
+        ops.set_impl(impl)
+        losses = []
+        try:
+            for _ in range(5):
+                loss = model(idx[:, :-1], idx[:, 1:])[1]
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        finally:
+            ops.set_impl(None)
+        return losses, dict(model.named_parameters())
+
+    torch.manual_seed(1)
+    loss_ref, p_ref = train("reference")
+    torch.manual_seed(1)
+    loss_tri, p_tri = train("triton")
+    assert loss_ref[-1] < loss_ref[0]
+    for a, b in zip(loss_tri, loss_ref):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
+    for name, p in p_ref.items():
+        assert (p_tri[name] - p).abs().max().item() <= 1e-5, name
+
+
+def test_dispatch_is_explicit(monkeypatch):
+    h = torch.randn(3, 3 * 8)
+    read = torch.randn(3, 2)
+    ops.reset_implementations_used()
+    torch.ops.vwn.ghc_read_static(h, read)
+    assert ops.implementations_used() == {"ghc_read_static": "reference"}  # auto on the CPU
+    ops.set_impl("triton")
+    try:
+        torch.ops.vwn.ghc_read_static(h, read)
+        assert ops.implementations_used() == {"ghc_read_static": "triton"}
+        with pytest.raises(RuntimeError, match=r"\(m, n\) = \(2, 65\) is outside the kernels' range"):
+            torch.ops.vwn.ghc_read_static(torch.randn(2, 65 * 4), torch.randn(65, 2))
+        with pytest.raises(RuntimeError, match="support .* got torch.float64"):
+            torch.ops.vwn.ghc_read_static(h.double(), read.double())
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is not set"):
+            torch.ops.vwn.ghc_read_static(h, read)
+    finally:
+        ops.set_impl(None)
+
+
+@pytest.mark.gpu  # deselected by the CPU test command (-m "not gpu"); run on a GPU with: pytest -m gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n", [(2, 3), (8, 16), (8, 64)])
+def test_kernels_realistic_shapes_on_gpu(dtype, m, n):
+    want, got, exact = kernel_cases(16384, m, n, 2048 // m, dtype)
+    for name in want:
+        for i, (w, g, e) in enumerate(zip(want[name], got[name], exact[name])):
+            limit = 2e-5 if dtype == torch.float32 else 2 * rel_err(w, e) + 1e-6
+            assert rel_err(g, e if dtype != torch.float32 else w) <= limit, (name, i)
