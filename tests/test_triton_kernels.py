@@ -222,3 +222,43 @@ def test_kernels_realistic_shapes_on_gpu(dtype, m, n):
         for i, (w, g, e) in enumerate(zip(want[name], got[name], exact[name])):
             limit = 2e-5 if dtype == torch.float32 else 2 * rel_err(w, e) + 1e-6
             assert rel_err(g, e if dtype != torch.float32 else w) <= limit, (name, i)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# recompute: coefficients recomputed in the backward instead of stored
+# ------------------------------------------------------------------------------------------------------------
+def _dropped_bytes(model, idx):
+    from vwn_transform.modules import _Recomputed
+
+    before = _Recomputed.dropped_bytes
+    model(idx, idx)
+    return _Recomputed.dropped_bytes - before
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_recompute_gives_the_same_gradients_with_less_memory(impl):
+    from vwn_transform import VWNConfig
+
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    torch.manual_seed(0)
+    base = GPT(cfg)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    grads, saved = {}, {}
+    ops.set_impl(impl)
+    try:
+        for recompute in (False, True):
+            torch.manual_seed(1)
+            wide = vwn_transform.widen(base, config=VWNConfig(n=8, m=2, init="paper", recompute=recompute)).train()
+            assert all(g.recompute == recompute for g in wide.modules() if isinstance(g, vwn_transform.GHC))
+            loss = wide(idx, idx)[1]
+            loss.backward()
+            grads[recompute] = {k: p.grad.clone() for k, p in wide.named_parameters()}
+            saved[recompute] = _dropped_bytes(wide, idx)
+    finally:
+        ops.set_impl(None)
+    for k, g in grads[False].items():
+        assert torch.equal(grads[True][k], g), k  # the same kernels recompute the same values
+    # per GHC call: stats [N, n, 2m+n+1] + carry [N, n, n] + write [N, n, m] in fp32, 4 GHC calls, N = 32 tokens
+    n, m, tokens = 8, 2, 32
+    expected = 4 * tokens * n * ((2 * m + n + 1) + n + m) * 4
+    assert saved[False] == 0 and saved[True] == expected

@@ -105,6 +105,8 @@ class VWNConfig:
         hidden_size: the backbone width D, filled in by widen().
         mtp: add next-2-token prediction (one extra VWN layer; see :mod:`vwn_transform.mtp`).
         mtp_weight: the loss becomes ``next_token_loss + mtp_weight * next_2_token_loss``.
+        recompute: dynamic GHC coefficients are recomputed in the backward instead of stored (less activation
+            memory, one more read of the state; eager mode).
 
     >>> VWNConfig(n=3, m=2).ratio
     Fraction(3, 2)
@@ -120,8 +122,11 @@ class VWNConfig:
     hidden_size: int | None = None
     mtp: bool = False
     mtp_weight: float = 0.3
+    recompute: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {self.recompute!r}")
         if not isinstance(self.mtp, bool):
             raise ValueError(f"mtp must be True or False, got {self.mtp!r}")
         if isinstance(self.mtp_weight, bool) or not isinstance(self.mtp_weight, (int, float)) or \

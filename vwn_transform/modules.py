@@ -52,10 +52,15 @@ class GHC(nn.Module):
 
     ``contract(h)`` and ``expand(h, z, carry_c, write_c)`` are the two halves, used by graph rewrites where
     the sublayer is not one callable.
+
+    ``recompute=True`` (dynamic GHC only): the mixing coefficients and the read statistics are not kept for the
+    backward; they are recomputed there from the state (which is kept anyway), once per GHC call. It saves
+    ``N * n * (3m + 2n + 1)`` fp32 values per GHC call (``benchmarks/memory.py``) for one more read of the state
+    in the backward. Eager mode only (it uses saved-tensor hooks).
     """
 
     def __init__(self, sublayer: nn.Module | None, dim: int, n: int, m: int, dynamic: bool = True,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, recompute: bool = False):
         super().__init__()
         for name, v in (("dim", dim), ("n", n), ("m", m)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -68,6 +73,7 @@ class GHC(nn.Module):
             raise TypeError(f"GHC sublayer must be callable or None, got {type(sublayer).__name__}")
         self.sublayer = sublayer
         self.dim, self.n, self.m, self.dynamic, self.eps = dim, n, m, dynamic, eps
+        self.recompute = bool(recompute) and dynamic
         d = dim // m
         self.read = nn.Parameter(torch.empty(n, m))
         self.carry = nn.Parameter(torch.empty(n, n))
@@ -108,14 +114,23 @@ class GHC(nn.Module):
                 f"{width}, got shape {tuple(h.shape)}"
             )
 
+    def _read_dynamic(self, h: torch.Tensor):
+        return torch.ops.vwn.ghc_read_dynamic(
+            h, self.norm.weight, self.proj, self.read, self.carry, self.write,
+            self.scale_read, self.scale_carry, self.scale_write, self.eps,
+        )
+
     def contract(self, h: torch.Tensor):
         """``h [..., n*d] -> (x [..., m*d], carry_c, write_c)``: the backbone input and the mixing coefficients."""
         self._check_state(h)
         if self.dynamic:
-            x, carry_c, write_c, _stats = torch.ops.vwn.ghc_read_dynamic(
-                h, self.norm.weight, self.proj, self.read, self.carry, self.write,
-                self.scale_read, self.scale_carry, self.scale_write, self.eps,
-            )
+            if self.recompute and torch.is_grad_enabled():
+                recomputed = _Recomputed(self, h)
+                with recomputed.hooks(keep=(h,)):  # everything else the read op saves (its stats) is dropped
+                    x, carry_c, write_c, stats = self._read_dynamic(h)
+                recomputed.mark(carry_c=carry_c, write_c=write_c, stats=stats)
+                return x, carry_c, write_c
+            x, carry_c, write_c, _stats = self._read_dynamic(h)
             return x, carry_c, write_c
         return torch.ops.vwn.ghc_read_static(h, self.read), self.carry, self.write.t()
 
@@ -123,6 +138,10 @@ class GHC(nn.Module):
         """``H' = WriteT Z + Carry^T H``: ``[..., n*d]``, ``[..., m*d]`` -> ``[..., n*d]``."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"GHC sublayer output must have last dimension dim={self.dim}, got {tuple(z.shape)}")
+        recomputed = _Recomputed.of(carry_c) if self.recompute else None
+        if recomputed is not None and torch.is_grad_enabled():
+            with recomputed.hooks(keep=(h, z)):  # the coefficients are dropped, recomputed in the backward
+                return torch.ops.vwn.ghc_write(h, z, carry_c, write_c)
         return torch.ops.vwn.ghc_write(h, z, carry_c, write_c)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -133,6 +152,54 @@ class GHC(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n={self.n}, m={self.m}, dynamic={self.dynamic}"
+
+
+class _Recomputed:
+    """The read outputs of one dynamic GHC call that the backward gets by recomputation instead of storage.
+
+    Saved-tensor hooks replace the coefficient tensors (and the read op's stats) by a name when autograd saves
+    them; the first unpack in the backward reruns the read op on the kept state, without grad, and serves every
+    name from that one result. The parameters and the state are kept as they are.
+    """
+
+    #: bytes of saved tensors replaced by recomputation since the process started (benchmarks and tests read it;
+    #: an outer saved-tensor hook cannot see inside these hooks)
+    dropped_bytes = 0
+
+    def __init__(self, ghc: "GHC", h: torch.Tensor):
+        self.ghc, self.h = ghc, h
+        self.ids: dict[int, str] = {}
+        self.values: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, carry_c: torch.Tensor) -> "_Recomputed | None":
+        return getattr(carry_c, "_vwn_recomputed", None)
+
+    def mark(self, **named: torch.Tensor) -> None:
+        for name, t in named.items():
+            self.ids[id(t)] = name
+        named["carry_c"]._vwn_recomputed = self  # expand() finds its read through the coefficient tensor
+
+    def hooks(self, keep: tuple):
+        kept = {id(t) for t in keep} | {id(p) for p in self.ghc.parameters()}
+
+        def pack(t):
+            if id(t) in kept:
+                return t
+            _Recomputed.dropped_bytes += t.untyped_storage().nbytes()
+            return self.ids.get(id(t), "stats")  # the read op's only other saved tensor is its stats output
+
+        def unpack(saved):
+            return saved if isinstance(saved, torch.Tensor) else self.get(saved)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.values is None:
+            with torch.no_grad():
+                _x, carry_c, write_c, stats = self.ghc._read_dynamic(self.h)
+            self.values = {"carry_c": carry_c, "write_c": write_c, "stats": stats}
+        return self.values[name]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -383,7 +383,7 @@ def _widen_final(final: nn.Module, cfg: VWNConfig, ref: torch.Tensor, op: _Surge
 def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op: _Surgery) -> None:
     ref = _float_param(block)
     ghcs = nn.ModuleList(
-        GHC(None, cfg.hidden_size, cfg.n, cfg.m, dynamic=cfg.dynamic, eps=cfg.eps) for _ in analysis.updates
+        GHC(None, cfg.hidden_size, cfg.n, cfg.m, dynamic=cfg.dynamic, eps=cfg.eps, recompute=cfg.recompute) for _ in analysis.updates
     )
     if ref is not None:
         ghcs.to(dtype=ref.dtype, device=ref.device)
