@@ -29,6 +29,8 @@ __all__ = [
     "read_static_backward",
     "write",
     "write_backward",
+    "write_read_dynamic",
+    "write_read_dynamic_backward",
 ]
 
 
@@ -189,3 +191,22 @@ def write_backward(h, z, carry_c, write_c, grad_out):
         g_write_c = torch.matmul(g, zf.transpose(-1, -2))  # [N, n, m]
         g_carry_c = torch.matmul(hf, g.transpose(-1, -2))  # [N, n, n]
     return g_h.to(h.dtype), g_z.to(z.dtype), g_carry_c.to(carry_c.dtype), g_write_c.to(write_c.dtype)
+
+
+def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
+                       scale_write, eps):
+    """:func:`write` then the next GHC's :func:`read_dynamic` on its result (the unfused meaning of the
+    cross-layer fused op): ``(h_new, x, carry_c, write_c, stats)``."""
+    h_new = write(h, z, carry_c, write_c)
+    return (h_new,) + read_dynamic(h_new, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
+                                   scale_write, eps)
+
+
+def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, read, carry, write_, scale_read,
+                                scale_carry, scale_write, eps, h_new, stats, grad_h_new, grad_x, grad_carry2,
+                                grad_write2):
+    """Gradients of :func:`write_read_dynamic`: ``(h, z, carry_c, write_c)`` then the nine read parameters."""
+    g_read = read_dynamic_backward(h_new, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
+                                   scale_write, eps, stats, grad_x, grad_carry2, grad_write2)
+    g_total = (g_read[0].to(compute_dtype(h.dtype)) + grad_h_new.to(compute_dtype(h.dtype))).to(h.dtype)
+    return write_backward(h, z, carry_c, write_c, g_total) + tuple(g_read[1:])

@@ -49,6 +49,8 @@ __all__ = [
     "trace_block",
     "find_residual_updates",
     "rewrite_block_graph",
+    "fuse_write_read",
+    "lower_block_graph",
     "compile_block_graph",
     "BlockRunner",
     "GHC_CONTAINER",
@@ -380,6 +382,55 @@ def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate]) -> fx.Gr
     return graph
 
 
+def fuse_write_read(graph: fx.Graph) -> bool:
+    """Cross-layer fusion inside a block: where GHC i's ``expand`` result is the state GHC i+1 ``contract``s,
+    the pair becomes one ``vwn_ghc.i.expand_contract(..., vwn_ghc.{i+1})`` call (the fused
+    ``vwn::ghc_write_read_dynamic`` op). Preserves semantics exactly (same math, one pass over the state less).
+
+    before:  h_0 = vwn_ghc.0.expand(s, z_0, cc_0, wc_0);  ghc_in_1 = vwn_ghc.1.contract(h_0)
+    after:   fused_0 = vwn_ghc.0.expand_contract(s, z_0, cc_0, wc_0, vwn_ghc.1)
+             h_0 = fused_0[0];  ghc_in_1 = fused_0[1]
+
+    Returns whether anything was fused.
+    """
+    modified = False
+    for expand in list(graph.nodes):
+        if expand.op != "call_method" or expand.target != "expand":
+            continue
+        contracts = [u for u in expand.users if u.op == "call_method" and u.target == "contract" and
+                     u.args[1] is expand]
+        if len(contracts) != 1:
+            continue
+        contract = contracts[0]
+        nxt = contract.args[0]
+        with graph.inserting_before(expand):
+            fused = graph.call_method("expand_contract", (*expand.args, nxt))
+            h_new = graph.call_function(operator.getitem, (fused, 0))
+            contracted = graph.call_function(operator.getitem, (fused, 1))
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        if order[nxt] > order[fused]:
+            fused.prepend(nxt)  # the next GHC's get_attr must come before its first use
+        names = (f"fused_{expand.name}", expand.name, contract.name)
+        expand.replace_all_uses_with(h_new)
+        contract.replace_all_uses_with(contracted)
+        graph.erase_node(contract)
+        graph.erase_node(expand)
+        for node, name in zip((fused, h_new, contracted), names):
+            node.name = graph._graph_namespace.create_name(name, node)
+            node.meta["vwn_pass"] = "fuse_write_read"
+        modified = True
+    graph.lint()
+    return modified
+
+
+def lower_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], name: str) -> tuple[Callable, str]:
+    """The passes from a traced block to its widened forward: rewrite into GHC form, fuse neighbouring
+    write/read pairs, generate Python. Returns ``(forward, source)``."""
+    rewrite_block_graph(graph, updates)
+    fuse_write_read(graph)
+    return compile_block_graph(graph, name)
+
+
 def compile_block_graph(graph: fx.Graph, name: str) -> tuple[Callable, str]:
     """Python function ``forward(self, *placeholders)`` generated from the graph, and its source."""
     code = graph.python_code(root_module="self")
@@ -412,8 +463,7 @@ class BlockRunner:
                 f"{where}: a call with a new signature traced to residual updates {found}, but the block was widened "
                 f"with {self.sublayers}; the block's structure depends on its arguments, which VWN cannot follow"
             )
-        rewrite_block_graph(graph, updates)
-        fn, src = compile_block_graph(graph, self.name)
+        fn, src = lower_block_graph(graph, updates, self.name)
         self._compiled[spec.key] = fn
         self.sources[spec.key] = src
         return fn

@@ -262,3 +262,61 @@ def test_recompute_gives_the_same_gradients_with_less_memory(impl):
     n, m, tokens = 8, 2, 32
     expected = 4 * tokens * n * ((2 * m + n + 1) + n + m) * 4
     assert saved[False] == 0 and saved[True] == expected
+
+
+# ------------------------------------------------------------------------------------------------------------
+# cross-layer fusion: write of sublayer l + coefficients/read of sublayer l+1
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,N,d", [(2, 3, 577, 24), (8, 64, 5, 40), (1, 4, 1, 24), (4, 4, 33, 40)])
+@pytest.mark.parametrize("static_write", [False, True])
+def test_fused_write_read_matches_write_then_read(m, n, N, d, static_write, monkeypatch):
+    h, p = make_inputs(N, m, n, d, torch.float32, seed=21)
+    g = torch.Generator().manual_seed(22)
+    z = torch.randn(N, m, d, generator=g).to(DEVICE)
+    cc = torch.randn(n, n, generator=g) if static_write else torch.randn(N, n, n, generator=g)
+    wc = torch.randn(n, m, generator=g) if static_write else torch.randn(N, n, m, generator=g)
+    cc, wc = cc.to(DEVICE), wc.to(DEVICE)
+    args = tuple(p[k] for k in OP_INPUTS[1:]) + (1e-6,)
+    cot = [torch.randn(N, n, d, generator=g), torch.randn(N, m, d, generator=g), torch.randn(N, n, n, generator=g),
+           torch.randn(N, n, m, generator=g)]
+    cot = [c.to(DEVICE) for c in cot]
+    # the unfused meaning, on the reference
+    h_new = ref.write(h, z, cc, wc)
+    want = (h_new,) + ref.read_dynamic(h_new, *args)
+    g_read = ref.read_dynamic_backward(h_new, *args, want[4], cot[1], cot[2], cot[3])
+    want_g = ref.write_backward(h, z, cc, wc, (g_read[0] + cot[0])) + tuple(g_read[1:])
+    for lib in (ref, tri):
+        with nan_poisoned_outputs(monkeypatch):
+            got = lib.write_read_dynamic(h, z, cc, wc, *args)
+            got_g = lib.write_read_dynamic_backward(h, z, cc, wc, *args, got[0], got[4], *cot)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.isfinite(a).all() and rel_err(a, b) <= 2e-5, (lib.__name__, "fwd", i, rel_err(a, b))
+        for i, (a, b) in enumerate(zip(got_g, want_g)):
+            assert a.shape == b.shape and rel_err(a, b) <= 2e-5, (lib.__name__, "bwd", i, rel_err(a, b))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_blocks_run_the_fused_op_and_keep_gradients(impl):
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    torch.manual_seed(0)
+    wide = vwn_transform.widen(GPT(cfg), 4, m=2, init="paper").train()
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(6))
+    source = next(iter(wide.transformer.h[0].vwn_runner.sources.values()))
+    assert "expand_contract" in source  # attention's write fused with the MLP's read
+    ops.set_impl(impl)
+    ops.reset_implementations_used()
+    try:
+        loss = wide(idx, idx)[1]
+        loss.backward()
+        fused = {k: p.grad.clone() for k, p in wide.named_parameters()}
+        assert ops.implementations_used()["ghc_write_read_dynamic"] == impl
+        wide.zero_grad()
+        for g in (m for m in wide.modules() if isinstance(m, vwn_transform.GHC)):
+            g.recompute = True  # expand_contract falls back to the two halves (recompute needs them)
+        loss2 = wide(idx, idx)[1]
+        loss2.backward()
+    finally:
+        ops.set_impl(None)
+    assert abs(loss.item() - loss2.item()) <= 1e-6
+    for k, p in wide.named_parameters():
+        assert rel_err(p.grad, fused[k]) <= 1e-5, k

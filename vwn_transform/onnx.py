@@ -101,11 +101,21 @@ def ghc_write(h, z, carry_c, write_c):
     return op.CastLike(op.Reshape(out, op.Shape(h)), h)
 
 
+def ghc_write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry,
+                           scale_write, eps: float):
+    """The cross-layer fused op: ``ghc_write`` then the next GHC's ``ghc_read_dynamic`` on its result."""
+    h_new = ghc_write(h, z, carry_c, write_c)
+    x, carry_out, write_out, stats = ghc_read_dynamic(h_new, norm_weight, proj, read, carry, write, scale_read,
+                                                      scale_carry, scale_write, eps)
+    return h_new, x, carry_out, write_out, stats
+
+
 #: ``torch.ops.vwn.*`` overload -> onnxscript translation, for ``torch.onnx.export(custom_translation_table=...)``.
 translation_table = {
     torch.ops.vwn.ghc_read_static.default: ghc_read_static,
     torch.ops.vwn.ghc_read_dynamic.default: ghc_read_dynamic,
     torch.ops.vwn.ghc_write.default: ghc_write,
+    torch.ops.vwn.ghc_write_read_dynamic.default: ghc_write_read_dynamic,
 }
 
 

@@ -305,6 +305,94 @@ def _write_bwd(ctx, grad_out):
 torch.library.register_autograd("vwn::ghc_write", _write_bwd, setup_context=_write_setup)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# cross-layer fusion: the write of sublayer l and the dynamic read of sublayer l+1 on its result
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vwn::ghc_write_read_dynamic", mutates_args=())
+def ghc_write_read_dynamic(
+    h: torch.Tensor,
+    z: torch.Tensor,
+    carry_c: torch.Tensor,
+    write_c: torch.Tensor,
+    norm_weight: torch.Tensor,
+    proj: torch.Tensor,
+    read: torch.Tensor,
+    carry: torch.Tensor,
+    write: torch.Tensor,
+    scale_read: torch.Tensor,
+    scale_carry: torch.Tensor,
+    scale_write: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ghc_write`` followed by the next GHC's ``ghc_read_dynamic``: ``(h_new, x, carry_c, write_c, stats)``."""
+    n, m = read.shape
+    impl = _resolve("ghc_write_read_dynamic", h, (n, m))
+    lead = h.shape[:-1]
+    h_new, x, cc2, wc2, stats = impl.write_read_dynamic(
+        _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, read, carry,
+        write, scale_read, scale_carry, scale_write, eps)
+    # token-major [N, ., .] -> the caller's leading dims
+    return (h_new.reshape(h.shape), x.reshape(*lead, -1), cc2.reshape(*lead, n, n), wc2.reshape(*lead, n, m),
+            stats.reshape(*lead, n, -1))
+
+
+@ghc_write_read_dynamic.register_fake
+def _(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
+    n, m = read.shape
+    lead = h.shape[:-1]
+    ct = reference.compute_dtype(h.dtype)
+    return (torch.empty_like(h), h.new_empty((*lead, h.shape[-1] // n * m)), h.new_empty((*lead, n, n), dtype=ct),
+            h.new_empty((*lead, n, m), dtype=ct), h.new_empty((*lead, n, 2 * m + n + 1), dtype=ct))
+
+
+@torch.library.custom_op("vwn::ghc_write_read_dynamic_backward", mutates_args=())
+def ghc_write_read_dynamic_backward(
+    h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor, norm_weight: torch.Tensor,
+    proj: torch.Tensor, read: torch.Tensor, carry: torch.Tensor, write: torch.Tensor, scale_read: torch.Tensor,
+    scale_carry: torch.Tensor, scale_write: torch.Tensor, eps: float, h_new: torch.Tensor, stats: torch.Tensor,
+    grad_h_new: torch.Tensor, grad_x: torch.Tensor, grad_carry2: torch.Tensor, grad_write2: torch.Tensor,
+) -> list[torch.Tensor]:
+    n, m = read.shape
+    impl = _resolve("ghc_write_read_dynamic_backward", h, (n, m))
+    grads = impl.write_read_dynamic_backward(
+        _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, read, carry,
+        write, scale_read, scale_carry, scale_write, eps, _tokens(h_new, n), stats.reshape(-1, n, stats.shape[-1]),
+        _tokens(grad_h_new, n), _tokens(grad_x, m), grad_carry2.reshape(-1, n, n), grad_write2.reshape(-1, n, m))
+    shapes = (h, z, carry_c, write_c)
+    return [g.reshape(t.shape) for g, t in zip(grads[:4], shapes)] + [g.clone() for g in grads[4:]]
+
+
+@ghc_write_read_dynamic_backward.register_fake
+def _(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,
+      h_new, stats, gh, gx, gc, gw):
+    return [torch.empty_like(t) for t in (h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read,
+                                          scale_carry, scale_write)]
+
+
+def _write_read_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[4])
+    ctx.save_for_backward(*inputs[:12], output[0], output[4])
+    ctx.eps = inputs[12]
+
+
+def _write_read_bwd(ctx, grad_h_new, grad_x, grad_carry2, grad_write2, _grad_stats):
+    *saved, h_new, stats = ctx.saved_tensors
+    h, z, read = saved[0], saved[1], saved[6]
+    n, m = read.shape
+    lead = h.shape[:-1]
+    # autograd hands None for outputs that did not reach the loss
+    grad_h_new = torch.zeros_like(h) if grad_h_new is None else grad_h_new
+    grad_x = torch.zeros_like(z) if grad_x is None else grad_x
+    grad_carry2 = stats.new_zeros((*lead, n, n)) if grad_carry2 is None else grad_carry2
+    grad_write2 = stats.new_zeros((*lead, n, m)) if grad_write2 is None else grad_write2
+    grads = torch.ops.vwn.ghc_write_read_dynamic_backward(*saved, ctx.eps, h_new, stats, grad_h_new, grad_x,
+                                                          grad_carry2, grad_write2)
+    return (*grads, None)
+
+
+torch.library.register_autograd("vwn::ghc_write_read_dynamic", _write_read_bwd, setup_context=_write_read_setup)
+
+
 def op_names() -> Sequence[str]:
     """Qualified names of the forward ops (what passes insert and backends match)."""
-    return ("vwn::ghc_read_dynamic", "vwn::ghc_read_static", "vwn::ghc_write")
+    return ("vwn::ghc_read_dynamic", "vwn::ghc_read_static", "vwn::ghc_write", "vwn::ghc_write_read_dynamic")

@@ -29,9 +29,8 @@ from vwn_transform.passes.block_graph import (
     BlockRunner,
     CallSpec,
     ResidualUpdate,
-    compile_block_graph,
     find_residual_updates,
-    rewrite_block_graph,
+    lower_block_graph,
     trace_block,
 )
 from vwn_transform.passes.probe import (
@@ -394,8 +393,7 @@ def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op:
                        [node_map.get(t, t) for t in u.terms], [node_map[b] for b in u.branch], u.sublayers)
         for u in analysis.updates
     ]
-    rewrite_block_graph(graph, updates)
-    fn, src = compile_block_graph(graph, analysis.name)
+    fn, src = lower_block_graph(graph, updates, analysis.name)
     runner = BlockRunner(analysis.name, [u.sublayers for u in analysis.updates])
     runner._compiled[analysis.spec.key] = fn
     runner.sources[analysis.spec.key] = src
