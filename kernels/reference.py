@@ -133,8 +133,10 @@ def read_dynamic_backward(
     grads = (g_h, g_norm_weight, g_proj, g_read, g_carry, g_write_t.t(), g_scale_read, g_scale_carry,
              g_scale_write_t.t())
     inputs = (h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
-    # the small gradients are slices of g_static/g_scales: clone so that no two outputs alias
-    return tuple(g.to(t.dtype).clone() if i >= 3 else g.to(t.dtype) for i, (g, t) in enumerate(zip(grads, inputs)))
+    # the small gradients are slices of g_static/g_scales (and g_proj a transpose): contiguous copies, so that no
+    # two outputs alias and every output has the strides of the fake (meta) kernel
+    return (g_h.to(h.dtype),) + tuple(g.to(t.dtype).clone(memory_format=torch.contiguous_format)
+                                      for g, t in zip(grads[1:], inputs[1:]))
 
 
 def read_static(h, read):

@@ -79,12 +79,19 @@ def test_compiled_matches_eager_forward_and_five_training_steps(name, m, n):
         assert (params_c[k] - p).abs().max().item() <= 1e-5, k
 
 
-def test_inductor_default_path_on_cpu():
-    wide = build("gpt", 2, 3).eval()
-    fast = torch.compile(wide, backend="vwn")  # inner compiler: inductor
-    idx = torch.randint(0, 64, (2, 9))
-    with torch.no_grad():
-        assert (fast(idx)[0] - wide(idx)[0]).abs().max().item() <= 1e-5
+def test_inductor_default_path_on_cpu_forward_and_backward():
+    eager = build("gpt", 2, 3).train()
+    model = build("gpt", 2, 3).train()
+    model.load_state_dict(eager.state_dict())
+    fast = torch.compile(model, backend="vwn")  # inner compiler: inductor
+    idx = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    want, got = loss_of(eager, idx, hf=False), loss_of(fast, idx, hf=False)
+    assert abs(want.item() - got.item()) <= 1e-5
+    want.backward()
+    got.backward()
+    grads = dict(model.named_parameters())
+    for k, p in eager.named_parameters():
+        assert (grads[k].grad - p.grad).abs().max().item() <= 1e-5, k
 
 
 class _Recorder:

@@ -320,3 +320,44 @@ def test_blocks_run_the_fused_op_and_keep_gradients(impl):
     assert abs(loss.item() - loss2.item()) <= 1e-6
     for k, p in wide.named_parameters():
         assert rel_err(p.grad, fused[k]) <= 1e-5, k
+
+
+@pytest.mark.parametrize("dynamic_coefficients", [True, False])
+def test_custom_ops_pass_opcheck(dynamic_coefficients):
+    """torch.library.opcheck: schemas, fake kernels (shapes and strides), autograd registration."""
+    N, m, n, d = 5, 2, 3, 8
+    h, p = make_inputs(N, m, n, d, torch.float32, seed=12)
+    h = h.reshape(N, n * d)
+    params = [p[k].requires_grad_() for k in OP_INPUTS[1:]]
+    z = torch.randn(N, m * d, requires_grad=True)
+    x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(h, *params, 1e-6)
+    if not dynamic_coefficients:
+        cc, wc = p["carry"], p["write"].t().contiguous()
+    cases = [
+        (torch.ops.vwn.ghc_read_dynamic.default, (h.clone().requires_grad_(), *params, 1e-6)),
+        (torch.ops.vwn.ghc_read_static.default, (h.clone().requires_grad_(), p["read"])),
+        (torch.ops.vwn.ghc_write.default, (h.clone().requires_grad_(), z, cc.detach().requires_grad_(),
+                                           wc.detach().requires_grad_())),
+        (torch.ops.vwn.ghc_write_read_dynamic.default, (h.clone().requires_grad_(), z, cc.detach().requires_grad_(),
+                                                        wc.detach().requires_grad_(), *params, 1e-6)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # the backward ops: their fake kernels must give the real strides (inductor asserts them)
+    with torch.no_grad():
+        hh = h.detach()
+        x, cc2, wc2, stats = torch.ops.vwn.ghc_read_dynamic(hh, *params, 1e-6)
+        h_new, x2, cc3, wc3, stats2 = torch.ops.vwn.ghc_write_read_dynamic(hh, z, cc.detach(), wc.detach(), *params,
+                                                                            1e-6)
+    detached = [q.detach() for q in params]
+    backward_cases = [
+        (torch.ops.vwn.ghc_read_dynamic_backward.default,
+         (hh, *detached, 1e-6, stats, torch.randn_like(x), torch.randn_like(cc2), torch.randn_like(wc2))),
+        (torch.ops.vwn.ghc_read_static_backward.default, (hh, p["read"].detach(), torch.randn_like(x))),
+        (torch.ops.vwn.ghc_write_backward.default, (hh, z.detach(), cc.detach(), wc.detach(), torch.randn_like(hh))),
+        (torch.ops.vwn.ghc_write_read_dynamic_backward.default,
+         (hh, z.detach(), cc.detach(), wc.detach(), *detached, 1e-6, h_new, stats2, torch.randn_like(h_new),
+          torch.randn_like(x2), torch.randn_like(cc3), torch.randn_like(wc3))),
+    ]
+    for op, args in backward_cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -359,7 +359,8 @@ def ghc_write_read_dynamic_backward(
         write, scale_read, scale_carry, scale_write, eps, _tokens(h_new, n), stats.reshape(-1, n, stats.shape[-1]),
         _tokens(grad_h_new, n), _tokens(grad_x, m), grad_carry2.reshape(-1, n, n), grad_write2.reshape(-1, n, m))
     shapes = (h, z, carry_c, write_c)
-    return [g.reshape(t.shape) for g, t in zip(grads[:4], shapes)] + [g.clone() for g in grads[4:]]
+    return [g.reshape(t.shape) for g, t in zip(grads[:4], shapes)] + \
+        [g.clone(memory_format=torch.contiguous_format) for g in grads[4:]]
 
 
 @ghc_write_read_dynamic_backward.register_fake
