@@ -37,13 +37,20 @@ def assert_one_line_error(proc, status, *needles):
 # ------------------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------------------
-def test_help_lists_commands_with_examples():
+def test_help_lists_commands_with_examples(capsys):
     top = run_vwn("--help")
     assert top.returncode == 0
+    sub = run_vwn("demo", "--help")
+    assert sub.returncode == 0 and "examples:" in sub.stdout and "vwn demo" in sub.stdout
+    from vwn_transform.cli import main
+
     for command in ("demo", "study", "plan", "widen", "export"):
         assert command in top.stdout
-        sub = run_vwn(command, "--help")
-        assert sub.returncode == 0 and "examples:" in sub.stdout and f"vwn {command}" in sub.stdout
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"vwn {command}" in out
 
 
 def test_demo_quick_writes_results_plot_and_onnx(tmp_path):
@@ -74,13 +81,20 @@ def test_study_quick_fits_and_plots(tmp_path):
     assert "log2(r)" in proc.stdout
 
 
-def test_plan_widen_export(tmp_path):
-    proc = run_vwn("plan", "--hf", "llama", "--tiny", "--ratio", "3/2")
-    assert proc.returncode == 0 and "r = n/m = 3/2" in proc.stdout and "LlamaForCausalLM" in proc.stdout
+def in_process(*args):
+    """The CLI's main() in this process (the console script's code path without the interpreter start-up)."""
+    from vwn_transform.cli import main
+
+    return main([str(a) for a in args])
+
+
+def test_plan_widen_export(tmp_path, capsys):
+    assert in_process("plan", "--hf", "llama", "--tiny", "--ratio", "3/2") == 0
+    out = capsys.readouterr().out
+    assert "r = n/m = 3/2" in out and "LlamaForCausalLM" in out
 
     out = tmp_path / "wide_gpt"
-    proc = run_vwn("widen", "--gpt", "--ratio", 4, "--m", 2, "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    assert in_process("widen", "--gpt", "--ratio", 4, "--m", 2, "--out", out) == 0
     import torch
 
     import vwn_transform
@@ -96,8 +110,7 @@ def test_plan_widen_export(tmp_path):
         assert (back(idx)[0] - base(idx)[0]).abs().max().item() <= 1e-5
 
     out = tmp_path / "wide_qwen"
-    proc = run_vwn("widen", "--hf", "qwen2", "--tiny", "--ratio", 2, "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    assert in_process("widen", "--hf", "qwen2", "--tiny", "--ratio", 2, "--out", out) == 0
     assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
     assert vwn_transform.from_pretrained(out).vwn_config.n == 2
 
@@ -107,7 +120,7 @@ def test_plan_widen_export(tmp_path):
     assert target.is_file() and "max abs diff" in proc.stdout and "widened by vwn_transform: yes" in proc.stdout
 
 
-@pytest.mark.parametrize("args,status,needles", [
+BAD_ARGUMENTS = [
     (("demo", "--steps", "0"), 2, ["--steps", "positive integer"]),
     (("demo", "--ratio", "abc"), 2, ["abc"]),
     (("study", "--ratios", ","), 2, ["comma-separated"]),
@@ -117,17 +130,42 @@ def test_plan_widen_export(tmp_path):
     (("plan", "--hf", "llama", "--ratio", "2"), 1, ["--tiny"]),
     (("plan", "--hf", "not_a_model", "--tiny", "--ratio", "2"), 1, ["not_a_model"]),
     (("plan", "/nonexistent/checkpoint", "--ratio", "2"), 1, ["/nonexistent/checkpoint"]),
-    (("plan", "--gpt", "--ratio", "5/3"), 1, ["5/3"]),  # D=128 has no m with n = 5/3 m dividing it? (m=3 no)
+    (("plan", "--gpt", "--ratio", "5/3"), 1, ["5/3"]),  # D=128: n = 5m/3 needs 3 | m, and m must divide 128
     (("export", "--gpt", "--out", "x.onnx"), 1, ["--ratio", "--plain"]),
     (("demo", "--device", "cuda:0", "--quick"), 1, ["CUDA is not available"]),
     (("nonsense",), 2, ["invalid choice"]),
-])
-def test_bad_arguments_one_line_nonzero(args, status, needles, tmp_path):
+]
+
+
+def run_in_process(args, capsys):
+    from vwn_transform.cli import main
+
+    try:
+        status = main(list(args))
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,status,needles", BAD_ARGUMENTS)
+def test_bad_arguments_one_line_nonzero(args, status, needles, tmp_path, monkeypatch, capsys):
+    # in-process (the same main() the console script runs) to keep the suite fast; a few also run as the real
+    # console script below
     if args[:2] == ("demo", "--device") and __import__("torch").cuda.is_available():
-        args = ("demo", "--device", "tpu", "--quick")
-        needles = ["tpu"]
-    assert_one_line_error(run_vwn(*args, cwd=tmp_path), status, *needles)
+        args, needles = ("demo", "--device", "tpu", "--quick"), ["tpu"]
+    monkeypatch.chdir(tmp_path)
+    got_status, err = run_in_process(args, capsys)
+    assert got_status == status, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert all(needle in err for needle in needles), err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("case", [0, 4, 12])
+def test_bad_arguments_through_the_console_script(case, tmp_path):
+    args, status, needles = BAD_ARGUMENTS[case]
+    assert_one_line_error(run_vwn(*args, cwd=tmp_path), status, *needles)
+    assert not any(tmp_path.iterdir())
 
 
 def test_widen_refuses_a_non_empty_output_folder(tmp_path):
@@ -181,15 +219,13 @@ def test_demo_with_an_impossible_ratio_writes_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_plan_and_export_a_local_checkpoint_directory(tmp_path):
+def test_plan_and_export_a_local_checkpoint_directory(tmp_path, capsys):
     from hf_models import tiny_hf
 
     ckpt = tmp_path / "ckpt"
     tiny_hf("mistral").save_pretrained(str(ckpt))
-    proc = run_vwn("plan", ckpt, "--ratio", 2, "--m", 2)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "MistralForCausalLM" in proc.stdout and "(m, n)" not in proc.stderr
+    assert in_process("plan", ckpt, "--ratio", 2, "--m", 2) == 0
+    assert "MistralForCausalLM" in capsys.readouterr().out
     target = tmp_path / "plain.onnx"
-    proc = run_vwn("export", ckpt, "--plain", "--out", target)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "widened by vwn_transform: no" in proc.stdout and target.is_file()
+    assert in_process("export", ckpt, "--plain", "--out", target) == 0
+    assert "widened by vwn_transform: no" in capsys.readouterr().out and target.is_file()
