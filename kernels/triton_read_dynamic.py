@@ -46,6 +46,33 @@ def _wg_chunk(wg_ptr, dd, d, K, col0, ncols, COLS: tl.constexpr):
 
 
 @triton.jit
+def _gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry_ptr, write_ptr, stats_ptr,
+                     n, m, d, eps, inv_sqrt_d, NP: tl.constexpr, MP: tl.constexpr):
+    """From the per-row sum of squares and gate projections ``U`` of rows (token, slot): ``1/rms``, the logits
+    and ``coef = static + scale * tanh(logits)``; stores carry/write coefficients and ``[logits | 1/rms]``,
+    returns the read coefficients ``[R, MP]`` (fp32)."""
+    K = 2 * m + n
+    inv_rms = 1.0 / tl.sqrt(ss / d + eps)  # [R]
+    f = (inv_rms * inv_sqrt_d)[:, None]
+    l_r, l_c, l_w = u_r * f, u_c * f, u_w * f  # logits
+    c_r = _load_cols(static_ptr, slot, K, 0, m, MP, row_ok) + _load_cols(scale_ptr, slot, K, 0, m, MP, row_ok) * _tanh(l_r)
+    c_c = _load_cols(static_ptr, slot, K, m, n, NP, row_ok) + _load_cols(scale_ptr, slot, K, m, n, NP, row_ok) * _tanh(l_c)
+    c_w = _load_cols(static_ptr, slot, K, m + n, m, MP, row_ok) + \
+        _load_cols(scale_ptr, slot, K, m + n, m, MP, row_ok) * _tanh(l_w)
+    cm = tl.arange(0, MP)[None, :]
+    cn = tl.arange(0, NP)[None, :]
+    srow = (tok.to(tl.int64) * n + slot)[:, None]  # [R, 1] row index into [N*n, .]
+    ok = row_ok[:, None]
+    tl.store(stats_ptr + srow * (K + 1) + cm, l_r, mask=ok & (cm < m))
+    tl.store(stats_ptr + srow * (K + 1) + m + cn, l_c, mask=ok & (cn < n))
+    tl.store(stats_ptr + srow * (K + 1) + m + n + cm, l_w, mask=ok & (cm < m))
+    tl.store(stats_ptr + srow * (K + 1) + K, inv_rms[:, None], mask=ok)
+    tl.store(carry_ptr + srow * n + cn, c_c, mask=ok & (cn < n))
+    tl.store(write_ptr + srow * m + cm, c_w, mask=ok & (cm < m))
+    return c_r
+
+
+@triton.jit
 def _read_dynamic_fwd(h_ptr, wg_ptr, static_ptr, scale_ptr, x_ptr, carry_ptr, write_ptr, stats_ptr,
                       N, n, m, d, eps, inv_sqrt_d,
                       BT: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, BD: tl.constexpr):
@@ -72,24 +99,8 @@ def _read_dynamic_fwd(h_ptr, wg_ptr, static_ptr, scale_ptr, x_ptr, carry_ptr, wr
         u_c += tl.dot(hc, _wg_chunk(wg_ptr, dd, d, K, m, n, NP), input_precision="ieee")
         u_w += tl.dot(hc, _wg_chunk(wg_ptr, dd, d, K, m + n, m, MP), input_precision="ieee")
 
-    inv_rms = 1.0 / tl.sqrt(ss / d + eps)  # [R]
-    f = (inv_rms * inv_sqrt_d)[:, None]
-    l_r, l_c, l_w = u_r * f, u_c * f, u_w * f  # logits
-    c_r = _load_cols(static_ptr, slot, K, 0, m, MP, row_ok) + _load_cols(scale_ptr, slot, K, 0, m, MP, row_ok) * _tanh(l_r)
-    c_c = _load_cols(static_ptr, slot, K, m, n, NP, row_ok) + _load_cols(scale_ptr, slot, K, m, n, NP, row_ok) * _tanh(l_c)
-    c_w = _load_cols(static_ptr, slot, K, m + n, m, MP, row_ok) + \
-        _load_cols(scale_ptr, slot, K, m + n, m, MP, row_ok) * _tanh(l_w)
-
-    cm = tl.arange(0, MP)[None, :]
-    cn = tl.arange(0, NP)[None, :]
-    srow = (tok.to(tl.int64) * n + slot)[:, None]  # [R, 1] row index into [N*n, .]
-    ok = row_ok[:, None]
-    tl.store(stats_ptr + srow * (K + 1) + cm, l_r, mask=ok & (cm < m))
-    tl.store(stats_ptr + srow * (K + 1) + m + cn, l_c, mask=ok & (cn < n))
-    tl.store(stats_ptr + srow * (K + 1) + m + n + cm, l_w, mask=ok & (cm < m))
-    tl.store(stats_ptr + srow * (K + 1) + K, inv_rms[:, None], mask=ok)
-    tl.store(carry_ptr + srow * n + cn, c_c, mask=ok & (cn < n))
-    tl.store(write_ptr + srow * m + cm, c_w, mask=ok & (cm < m))
+    c_r = _gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry_ptr, write_ptr,
+                           stats_ptr, n, m, d, eps, inv_sqrt_d, NP, MP)
 
     # pass 2: X[t] = Read[t]^T H[t], batched over the BT tokens
     read_t = tl.permute(tl.reshape(c_r, (BT, NP, MP)), (0, 2, 1))  # [BT, MP, NP]

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .triton_common import blocks, check_slots, contiguous3, pow2
 from .triton_helpers import to_output
-from .triton_read_dynamic import _load_cols, _stacked, _tanh, _wg_chunk, read_dynamic_backward
+from .triton_read_dynamic import _gates_and_store, _stacked, _wg_chunk, read_dynamic_backward
 from .triton_write import _coef3, _coefficients, write_backward
 
 
@@ -64,23 +64,8 @@ def _write_read_fwd(h_ptr, z_ptr, carry_ptr, write_ptr, hn_ptr, wg_ptr, static_p
     tok = t0 + r // NP
     slot = r % NP
     row_ok = (tok < N) & (slot < n)
-    inv_rms = 1.0 / tl.sqrt(ss / d + eps)
-    f = (inv_rms * inv_sqrt_d)[:, None]
-    l_r, l_c, l_w = u_r * f, u_c * f, u_w * f
-    c_r = _load_cols(static_ptr, slot, K, 0, m, MP, row_ok) + _load_cols(scale_ptr, slot, K, 0, m, MP, row_ok) * _tanh(l_r)
-    c_c = _load_cols(static_ptr, slot, K, m, n, NP, row_ok) + _load_cols(scale_ptr, slot, K, m, n, NP, row_ok) * _tanh(l_c)
-    c_w = _load_cols(static_ptr, slot, K, m + n, m, MP, row_ok) + \
-        _load_cols(scale_ptr, slot, K, m + n, m, MP, row_ok) * _tanh(l_w)
-    cm = tl.arange(0, MP)[None, :]
-    cn = tl.arange(0, NP)[None, :]
-    srow = (tok.to(tl.int64) * n + slot)[:, None]
-    ok = row_ok[:, None]
-    tl.store(stats_ptr + srow * (K + 1) + cm, l_r, mask=ok & (cm < m))
-    tl.store(stats_ptr + srow * (K + 1) + m + cn, l_c, mask=ok & (cn < n))
-    tl.store(stats_ptr + srow * (K + 1) + m + n + cm, l_w, mask=ok & (cm < m))
-    tl.store(stats_ptr + srow * (K + 1) + K, inv_rms[:, None], mask=ok)
-    tl.store(carry2_ptr + srow * n + cn, c_c, mask=ok & (cn < n))
-    tl.store(write2_ptr + srow * m + cm, c_w, mask=ok & (cm < m))
+    c_r = _gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry2_ptr, write2_ptr,
+                           stats_ptr, n, m, d, eps, inv_sqrt_d, NP, MP)
 
     tl.debug_barrier()  # H' written by other threads of this program must be visible to the loads below
     read_t = tl.permute(tl.reshape(c_r, (BT, NP, MP)), (0, 2, 1))  # [BT, MP, NP]
