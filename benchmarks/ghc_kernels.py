@@ -152,7 +152,6 @@ def end_to_end(args, device, bench):
             ms = bench(step)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
             rows.append((name, ms, peak))
-            del opt
     finally:
         ops.set_impl(None)
     return rows

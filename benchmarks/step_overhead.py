@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     input_ids = torch.randint(0, 256, (args.batch, args.seq), generator=g)
 
     nparams = sum(p.numel() for p in original.parameters())
-    print(f"## Training-step overhead of `widen()`: widened vs original, CPU eager\n")
+    print("## Training-step overhead of `widen()`: widened vs original, CPU eager\n")
     print(f"Llama (HF LlamaForCausalLM, sdpa) D={args.hidden}, FFN={args.intermediate}, {args.layers} layers, "
           f"vocab 256, {nparams:,} params; batch {args.batch} x {args.seq} tokens.")
     print(f"Step = forward + backward + AdamW.step() + zero_grad; fp32; torch.set_num_threads({args.threads}); "

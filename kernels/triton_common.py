@@ -71,3 +71,11 @@ def contiguous3(t: torch.Tensor, slots: int, d: int, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape [N, {slots}, {d}], got {list(t.shape)}")
     return t.contiguous()
 
+
+
+def state_view(h: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, int, int]:
+    """Validate a launch: ``(h as contiguous [N, n, d], N, d)`` after checking (m, n) against the kernels' range."""
+    check_slots(n, m)
+    d = h.shape[-1]
+    h = contiguous3(h, n, d, "h")
+    return h, h.shape[0], d

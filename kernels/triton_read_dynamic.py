@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import blocks, check_slots, contiguous3, pow2
+from .triton_common import blocks, contiguous3, pow2, state_view
 from .triton_helpers import to_output
 
 
@@ -194,10 +194,7 @@ def _stacked(a_read, a_carry, a_write):
 def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     """Triton version of :func:`kernels.reference.read_dynamic` (same arguments, shapes and outputs)."""
     n, m = read.shape
-    check_slots(n, m)
-    d = h.shape[-1]
-    h = contiguous3(h, n, d, "h")
-    N = h.shape[0]
+    h, N, d = state_view(h, n, m)
     K = 2 * m + n
     wg = (norm_weight.float()[:, None] * proj.float()).contiguous()  # [d, K]: the gain folded into W
     x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
@@ -216,10 +213,7 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
                           stats, grad_x, grad_carry_c, grad_write_c):
     """Triton version of :func:`kernels.reference.read_dynamic_backward`."""
     n, m = read.shape
-    check_slots(n, m)
-    d = h.shape[-1]
-    h = contiguous3(h, n, d, "h")
-    N = h.shape[0]
+    h, N, d = state_view(h, n, m)
     K = 2 * m + n
     gain, w = norm_weight.float(), proj.float()
     wg = (gain[:, None] * w).contiguous()

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import blocks, check_slots, contiguous3, pow2
+from .triton_common import blocks, contiguous3, pow2, state_view
 from .triton_helpers import to_output
 
 
@@ -63,10 +63,7 @@ def _read_static_bwd(h_ptr, read_ptr, gx_ptr, gh_ptr, gread_ptr, N, n, m, d,
 def read_static(h, read):
     """Triton version of :func:`kernels.reference.read_static`: ``[N, n, d] -> [N, m, d]``."""
     n, m = read.shape
-    check_slots(n, m)
-    d = h.shape[-1]
-    h = contiguous3(h, n, d, "h")
-    N = h.shape[0]
+    h, N, d = state_view(h, n, m)
     x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
     if N:
         bt, bd = blocks(n, d)
@@ -78,10 +75,7 @@ def read_static(h, read):
 def read_static_backward(h, read, grad_x):
     """Triton version of :func:`kernels.reference.read_static_backward`."""
     n, m = read.shape
-    check_slots(n, m)
-    d = h.shape[-1]
-    h = contiguous3(h, n, d, "h")
-    N = h.shape[0]
+    h, N, d = state_view(h, n, m)
     gx = contiguous3(grad_x, m, d, "grad_x")
     bt, bd = blocks(n, d)
     programs = triton.cdiv(N, bt)

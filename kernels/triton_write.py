@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import blocks, check_slots, contiguous3, pow2
+from .triton_common import blocks, contiguous3, pow2, state_view
 from .triton_helpers import to_output
 
 
@@ -99,10 +99,7 @@ def _coefficients(carry_c, write_c, N, n, m):
 def write(h, z, carry_c, write_c):
     """Triton version of :func:`kernels.reference.write`: ``[N, n, d], [N, m, d] -> [N, n, d]``."""
     n, m = write_c.shape[-2:]
-    check_slots(n, m)
-    d = h.shape[-1]
-    h = contiguous3(h, n, d, "h")
-    N = h.shape[0]
+    h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
     out = torch.empty_like(h)
@@ -116,10 +113,7 @@ def write(h, z, carry_c, write_c):
 def write_backward(h, z, carry_c, write_c, grad_out):
     """Triton version of :func:`kernels.reference.write_backward`."""
     n, m = write_c.shape[-2:]
-    check_slots(n, m)
-    d = h.shape[-1]
-    h = contiguous3(h, n, d, "h")
-    N = h.shape[0]
+    h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     g = contiguous3(grad_out, n, d, "grad_out")
     static, cc, wc = _coefficients(carry_c, write_c, N, n, m)

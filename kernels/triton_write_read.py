@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import blocks, check_slots, contiguous3, pow2
+from .triton_common import blocks, contiguous3, pow2, state_view
 from .triton_helpers import to_output
 from .triton_read_dynamic import _gates_and_store, _stacked, _wg_chunk, read_dynamic_backward
 from .triton_write import _coef3, _coefficients, write_backward
@@ -82,13 +82,10 @@ def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, w
                        scale_write, eps):
     """``write(h, z, carry_c, write_c)`` then ``read_dynamic`` of the next GHC on the result, fused."""
     n, m = read.shape
-    check_slots(n, m)
     if tuple(write_c.shape[-2:]) != (n, m):
         raise ValueError(f"the fused write+read needs the same (n, m) on both sides, got {tuple(write_c.shape[-2:])} "
                          f"and {(n, m)}")
-    d = h.shape[-1]
-    h = contiguous3(h, n, d, "h")
-    N = h.shape[0]
+    h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     K = 2 * m + n
     static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
