@@ -519,3 +519,22 @@ def test_property_widen_preserves_reference_gpt(case):
     ref, got = model(idx)[0], wide(idx)[0]
     assert got.dtype == case["dtype"]
     assert (got - ref).abs().max().item() <= 1e-5
+
+
+class _CacheFussyGPT(GPT):
+    """Takes use_cache but refuses use_cache=False: the signature warm-up must not make widen() fail."""
+
+    def forward(self, idx, targets=None, use_cache=True):
+        if not use_cache:
+            raise RuntimeError("this model always caches")
+        return super().forward(idx, targets)
+
+
+def test_signature_prebuild_failure_is_logged_not_fatal(caplog):
+    model = _CacheFussyGPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    with caplog.at_level("INFO", logger="vwn_transform"):
+        wide = vwn_transform.widen(model, 2)
+    assert any("could not prebuild the use_cache=False block graphs" in r.message for r in caplog.records)
+    idx = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        assert (wide(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-5

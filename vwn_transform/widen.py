@@ -425,6 +425,9 @@ def _prebuild_signatures(target: nn.Module, structure: ModelStructure) -> None:
             target.eval()
             with torch.no_grad():
                 target(*structure.example_inputs, use_cache=False)
+        except Exception as exc:  # a warm-up only: the signature is then traced on its first real call
+            log.info("widen: could not prebuild the use_cache=False block graphs of %s (%s: %s); they will be "
+                     "traced on first use", type(target).__name__, type(exc).__name__, exc)
         finally:
             restore()
 
