@@ -191,22 +191,29 @@ def _stacked(a_read, a_carry, a_write):
     return torch.cat([a_read.float(), a_carry.float(), a_write.float().t()], dim=1).contiguous()
 
 
+def read_launch(h, N, n, m, d, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write):
+    """What every kernel ending in a dynamic read takes and fills: ``(wg, static maps, scales)`` (fp32) and the
+    empty outputs ``(x [N, m, d] model dtype, carry_c [N, n, n], write_c [N, n, m], stats [N, n, 2m+n+1])``."""
+    wg = (norm_weight.float()[:, None] * proj.float()).contiguous()  # [d, K]: the gain folded into W
+    gate_inputs = (wg, _stacked(read, carry, write), _stacked(scale_read, scale_carry, scale_write))
+    outputs = (torch.empty((N, m, d), device=h.device, dtype=h.dtype),
+               torch.empty((N, n, n), device=h.device, dtype=torch.float32),
+               torch.empty((N, n, m), device=h.device, dtype=torch.float32),
+               torch.empty((N, n, 2 * m + n + 1), device=h.device, dtype=torch.float32))
+    return gate_inputs, outputs
+
+
 def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     """Triton version of :func:`kernels.reference.read_dynamic` (same arguments, shapes and outputs)."""
     n, m = read.shape
     h, N, d = state_view(h, n, m)
-    K = 2 * m + n
-    wg = (norm_weight.float()[:, None] * proj.float()).contiguous()  # [d, K]: the gain folded into W
-    x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
-    carry_c = torch.empty((N, n, n), device=h.device, dtype=torch.float32)
-    write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
-    stats = torch.empty((N, n, K + 1), device=h.device, dtype=torch.float32)
+    gate_inputs, outputs = read_launch(h, N, n, m, d, norm_weight, proj, read, carry, write, scale_read,
+                                       scale_carry, scale_write)
     if N:
         bt, bd = blocks(n, d)
-        _read_dynamic_fwd[(triton.cdiv(N, bt),)](
-            h, wg, _stacked(read, carry, write), _stacked(scale_read, scale_carry, scale_write), x, carry_c,
-            write_c, stats, N, n, m, d, float(eps), 1.0 / math.sqrt(d), BT=bt, NP=pow2(n), MP=pow2(m), BD=bd)
-    return x, carry_c, write_c, stats
+        _read_dynamic_fwd[(triton.cdiv(N, bt),)](h, *gate_inputs, *outputs, N, n, m, d, float(eps), 1.0 / math.sqrt(d),
+                                                 BT=bt, NP=pow2(n), MP=pow2(m), BD=bd)
+    return outputs
 
 
 def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .triton_common import blocks, contiguous3, pow2, state_view
 from .triton_helpers import to_output
-from .triton_read_dynamic import _gates_and_store, _stacked, _wg_chunk, read_dynamic_backward
+from .triton_read_dynamic import _gates_and_store, _wg_chunk, read_dynamic_backward, read_launch
 from .triton_write import _coef3, _coefficients, write_backward
 
 
@@ -87,21 +87,16 @@ def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, w
                          f"and {(n, m)}")
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
-    K = 2 * m + n
     static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
-    wg = (norm_weight.float()[:, None] * proj.float()).contiguous()
+    gate_inputs, outputs = read_launch(h, N, n, m, d, norm_weight, proj, read, carry, write, scale_read,
+                                       scale_carry, scale_write)
     h_new = torch.empty_like(h)
-    x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
-    carry2 = torch.empty((N, n, n), device=h.device, dtype=torch.float32)
-    write2 = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
-    stats = torch.empty((N, n, K + 1), device=h.device, dtype=torch.float32)
     if N:
         bt, bd = blocks(n, d)
         _write_read_fwd[(triton.cdiv(N, bt),)](
-            h, z, cc, wc, h_new, wg, _stacked(read, carry, write), _stacked(scale_read, scale_carry, scale_write),
-            x, carry2, write2, stats, N, n, m, d, float(eps), 1.0 / math.sqrt(d), STATIC=static, BT=bt,
-            NP=pow2(n), MP=pow2(m), BD=bd)
-    return h_new, x, carry2, write2, stats
+            h, z, cc, wc, h_new, *gate_inputs, *outputs, N, n, m, d, float(eps), 1.0 / math.sqrt(d), STATIC=static,
+            BT=bt, NP=pow2(n), MP=pow2(m), BD=bd)
+    return (h_new, *outputs)
 
 
 def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read,
