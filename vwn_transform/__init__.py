@@ -7,6 +7,7 @@
 
 from .config import UnsupportedModelError, VWNConfig
 from .modules import GHC
+from .lora import peft_modules_to_save
 from .persist import CheckpointError, from_pretrained, load, save
 from .training import param_groups
 from .widen import WidenPlan, plan, widen
@@ -14,7 +15,8 @@ from .widen import WidenPlan, plan, widen
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "GHC", "UnsupportedModelError", "VWNConfig", "WidenPlan", "export_onnx",
-           "from_pretrained", "load", "param_groups", "plan", "save", "widen", "__version__"]
+           "from_pretrained", "load", "param_groups", "peft_modules_to_save", "plan", "save", "widen",
+           "__version__"]
 
 
 def export_onnx(model, path, *, example_inputs=None, dynamic=True, opset=20, verify=True, providers=None,

@@ -7,11 +7,17 @@ line and exits with status 1. ``VWN_TRACEBACK=1`` shows the full traceback inste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("vwn_transform")
 
@@ -24,10 +30,12 @@ EXAMPLES = {
     "plan": "examples:\n  vwn plan --gpt --ratio 3/2\n  vwn plan --hf llama --tiny --ratio 8 --m 8\n"
             "  vwn plan path/to/hf_checkpoint --ratio 2",
     "widen": "examples:\n  vwn widen --hf qwen2 --tiny --ratio 1.5 --out widened_qwen2\n"
-             "  vwn widen path/to/hf_checkpoint --ratio 4 --m 2 --out widened",
+             "  vwn widen path/to/hf_checkpoint --ratio 4 --m 2 --out widened\n"
+             "  vwn widen Qwen/Qwen2.5-0.5B --ratio 1.5 --out qwen_vwn    # a Hugging Face model id",
     "export": "examples:\n  vwn export --hf llama --tiny --ratio 1.5 --out llama_vwn.onnx\n"
               "  vwn export --gpt --ratio 4 --m 2 --out gpt_vwn.onnx\n"
-              "  vwn export path/to/hf_checkpoint --plain --out original.onnx",
+              "  vwn export path/to/hf_checkpoint --plain --out original.onnx\n"
+              "  vwn export widened_qwen2 --out qwen2_vwn.onnx    # a folder written by vwn widen",
 }
 
 
@@ -66,7 +74,9 @@ def _positive_int(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser, ratio_required: bool) -> None:
     src = p.add_argument_group("model (give exactly one)")
-    src.add_argument("checkpoint", nargs="?", help="a local Hugging Face checkpoint directory")
+    src.add_argument("checkpoint", nargs="?",
+                     help="a checkpoint folder (save_pretrained, or vwn widen output; widened ones load with their "
+                          "VWN weights) or a Hugging Face model id")
     src.add_argument("--hf", metavar="TYPE", help="a transformers model type (llama, qwen2, gpt2, ...) with --tiny")
     src.add_argument("--tiny", action="store_true", help="with --hf: a tiny randomly initialized config")
     src.add_argument("--gpt", action="store_true", help="the project's reference GPT (4 layers, D=128)")
@@ -112,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quick", action="store_true", help="a small model and budget (under a minute)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
         p.add_argument("--out", default=f"vwn_{name}_out", help=f"output folder (default vwn_{name}_out)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order "
+                                                          "(default 0)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = add("plan", "show what widen() would do to a model, without changing it")
@@ -122,11 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, ratio_required=True)
     p.add_argument("--out", required=True, help="output folder")
 
-    p = add("export", "export a (widened) model to ONNX, verified in onnxruntime")
+    p = add("export", "export a (widened) model to ONNX, verified in onnxruntime; a widened checkpoint exports as "
+                      "it is")
     _add_model_args(p, ratio_required=False)
-    p.add_argument("--plain", action="store_true", help="export the model without widening it")
+    p.add_argument("--plain", action="store_true", help="export the model as it is, without widening it")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset version (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--fixed-shapes", action="store_true", help="no dynamic batch/sequence axes")
     return parser
@@ -135,36 +147,142 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------------------
-def load_model(args):
-    """The model named by ``checkpoint`` / ``--hf TYPE --tiny`` / ``--gpt``, in eval mode, and its kind."""
+# A Hugging Face Hub model id: "name" or "owner/name" (what transformers resolves when it is not a local folder)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+# what a causal LM checkpoint needs from the Hub (no optimizer states, no other frameworks' weights)
+_HUB_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.tiktoken"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model the CLI loaded, what kind it is (``"gpt"`` or ``"hf"``) and how to name it in messages."""
+
+    model: Any
+    kind: str
+    source: str
+    folder: Path | None = None
+
+    @property
+    def widened(self) -> bool:
+        return getattr(self.model, "vwn_config", None) is not None
+
+    def load_hint(self) -> str:
+        """The Python call that loads this (widened) model back."""
+        if self.kind == "gpt" and self.folder is not None:
+            return (f"vwn_transform.load({str(self.folder / 'model.pt')!r}, lambda: GPT(GPTConfig(**json.load(open("
+                    f"{str(self.folder / 'gpt_config.json')!r})))))")
+        return f"vwn_transform.from_pretrained({str(self.folder or self.source)!r})"
+
+
+def load_model(args) -> LoadedModel:
+    """The model named by ``checkpoint`` / ``--hf TYPE --tiny`` / ``--gpt``, in eval mode.
+
+    A checkpoint is a folder written by ``save_pretrained`` (plain or widened: a ``vwn_recipe`` in config.json
+    loads through :func:`vwn_transform.from_pretrained`), a folder written by ``vwn widen --gpt`` (model.pt and
+    gpt_config.json), or a Hugging Face model id, downloaded by huggingface_hub. Every weight must load:
+    missing or unexpected weights and truncated files are errors that name them.
+    """
     given = [x for x in (args.checkpoint, args.hf, args.gpt or None) if x]
     if len(given) != 1:
-        raise CLIError("give exactly one model: a checkpoint directory, --hf TYPE --tiny, or --gpt")
+        raise CLIError("give exactly one model: a checkpoint folder or Hugging Face model id, --hf TYPE --tiny, "
+                       "or --gpt")
     if args.gpt:
         import torch
 
         from .models import GPT, GPTConfig
 
         torch.manual_seed(0)
-        return GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)).eval(), "gpt"
+        model = GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)).eval()
+        return LoadedModel(model, "gpt", "the reference GPT (--gpt)")
     if args.hf:
         if not args.tiny:
             raise CLIError(f"--hf {args.hf} builds a randomly initialized model and needs --tiny (a real "
-                           "checkpoint is loaded from its directory: vwn plan path/to/checkpoint)")
+                           "checkpoint is loaded from its folder or model id: vwn plan path/to/checkpoint)")
         from .models.hf_tiny import tiny_hf_model
 
-        return tiny_hf_model(args.hf), "hf"
-    path = Path(args.checkpoint)
-    if not path.is_dir():
-        raise CLIError(f"checkpoint {str(path)!r} is not a directory (expected a Hugging Face checkpoint folder "
-                       "with config.json)")
-    if not (path / "config.json").is_file():
-        raise CLIError(f"{str(path)!r} has no config.json; is it a Hugging Face checkpoint folder?")
+        return LoadedModel(tiny_hf_model(args.hf), "hf", f"a tiny {args.hf} (--hf {args.hf} --tiny)")
+    folder = _resolve_checkpoint(args.checkpoint)
+    return _load_folder(folder, args.checkpoint)
+
+
+def _resolve_checkpoint(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CLIError(f"checkpoint {text!r} is a file; expected a checkpoint folder (written by save_pretrained or "
+                       "vwn widen) or a Hugging Face model id")
+    if not _HUB_ID.match(text):
+        raise CLIError(f"checkpoint {text!r} does not exist (expected a checkpoint folder written by save_pretrained "
+                       "or vwn widen, or a Hugging Face model id like 'gpt2')")
     try:
-        from transformers import AutoModelForCausalLM
+        from huggingface_hub import snapshot_download
     except ImportError:
-        raise CLIError("loading a checkpoint needs transformers: pip install 'vwn_transform[hf]'") from None
-    return AutoModelForCausalLM.from_pretrained(str(path)).eval(), "hf"
+        raise CLIError(f"{text!r} is not a local folder, and resolving it as a Hugging Face model id needs "
+                       "transformers: pip install 'vwn_transform[hf]'") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    print(f"vwn: {text!r} is not a local folder; resolving it as a Hugging Face model id"
+          f"{' (offline: cache only)' if offline else ''} ...", file=sys.stderr, flush=True)
+    try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+    except Exception as exc:  # no network, unknown repo, gated repo: one message that says which and what to do
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}: {first}"
+        raise CLIError(f"{text!r} is neither a local folder nor a Hugging Face model id that could be fetched ({why})"
+                       "; without network access, download the checkpoint elsewhere and pass its folder") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CLIError(f"{str(path)!r} is not readable JSON (truncated or corrupt?): {exc}") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"{str(path)!r} holds a {type(value).__name__}, expected a JSON object")
+    return value
+
+
+def _load_folder(folder: Path, source: str) -> LoadedModel:
+    if (folder / "config.json").is_file():
+        config = _read_json(folder / "config.json")
+        from . import persist
+
+        try:
+            if isinstance(config.get("vwn_recipe"), dict):
+                log.info("%s holds a widened model (vwn_recipe in config.json): vwn_transform.from_pretrained", folder)
+                model = persist.from_pretrained(folder)
+            else:
+                model = persist.load_plain_pretrained(folder)
+        except ImportError as exc:
+            raise CLIError(f"loading {source!r} needs transformers: pip install 'vwn_transform[hf]' ({exc})") from None
+        return LoadedModel(model.eval(), "hf", source, folder)
+    gpt_config = folder / "gpt_config.json"
+    if gpt_config.is_file():
+        from .models import GPT, GPTConfig
+        from .persist import load
+
+        fields = _read_json(gpt_config)
+        try:
+            GPTConfig(**fields)
+        except (TypeError, ValueError) as exc:
+            raise CLIError(f"{str(gpt_config)!r} is not a GPTConfig: {exc}") from None
+        weights = folder / "model.pt"
+        if not weights.is_file():
+            raise CLIError(f"{str(folder)!r} has gpt_config.json but no model.pt (the weights vwn widen --gpt writes)")
+        model = load(weights, lambda: GPT(GPTConfig(**fields)))
+        return LoadedModel(model.eval(), "gpt", source, folder)
+    raise CLIError(f"{str(folder)!r} has no config.json (a Hugging Face checkpoint) and no gpt_config.json + model.pt "
+                   "(written by vwn widen --gpt)")
+
+
+def _refuse_widened(loaded: LoadedModel, command: str) -> None:
+    if not loaded.widened:
+        return
+    cfg = loaded.model.vwn_config
+    raise CLIError(
+        f"{loaded.source} is already widened by vwn_transform (r = {Fraction(cfg.n, cfg.m)}, m={cfg.m}, n={cfg.n}, "
+        f"{'dynamic' if cfg.dynamic else 'static'} GHC); {command} works on original models. Export it as it is "
+        f"with 'vwn export {loaded.source} --out model.onnx', or load it in Python with {loaded.load_hint()}")
 
 
 def _widen_kwargs(args) -> dict:
@@ -174,56 +292,85 @@ def _widen_kwargs(args) -> dict:
 def cmd_plan(args) -> int:
     from .widen import plan
 
-    model, _ = load_model(args)
-    print(plan(model, args.ratio, **_widen_kwargs(args)))
+    loaded = load_model(args)
+    _refuse_widened(loaded, "vwn plan")
+    print(plan(loaded.model, args.ratio, **_widen_kwargs(args)))
     return 0
+
+
+def _check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise CLIError(f"output folder {str(out)!r} exists and is not empty; choose a new folder")
 
 
 def cmd_widen(args) -> int:
     from .widen import widen
 
-    model, kind = load_model(args)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CLIError(f"output folder {str(out)!r} exists and is not empty; choose a new folder")
+    _check_out_folder(out)  # before loading anything
+    loaded = load_model(args)
+    _refuse_widened(loaded, "vwn widen")
+    model = loaded.model
+    original = type(model).__name__
     wide = widen(model, args.ratio, **_widen_kwargs(args), inplace=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if kind == "hf":
-        wide.save_pretrained(str(out))  # config.json records the recipe; load with vwn_transform.from_pretrained
-        how = f"vwn_transform.from_pretrained({str(out)!r})"
-    else:
-        import dataclasses
+    # written into a temporary sibling folder and moved into place: a failure leaves no half-written --out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+        if loaded.kind == "hf":
+            wide.save_pretrained(str(tmp))  # config.json records the recipe
+        else:
+            from .persist import save
 
-        from .persist import save
-
-        save(wide, out / "model.pt")
-        (out / "gpt_config.json").write_text(json.dumps(dataclasses.asdict(wide.config), indent=2))
-        how = (f"vwn_transform.load({str(out / 'model.pt')!r}, lambda: GPT(GPTConfig(**json.load(open("
-               f"{str(out / 'gpt_config.json')!r})))))")
-    print(f"widened {type(model).__name__} to r={args.ratio} (m={wide.vwn_config.m}, n={wide.vwn_config.n}); "
-          f"saved to {out}/; load it back with {how}")
+            save(wide, tmp / "model.pt")
+            (tmp / "gpt_config.json").write_text(json.dumps(dataclasses.asdict(wide.config), indent=2))
+        for written in tmp.rglob("*"):  # safetensors writes its files with mode 0600; respect the umask
+            os.chmod(written, (0o777 if written.is_dir() else 0o666) & ~umask)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    saved = LoadedModel(wide, loaded.kind, str(out), out)
+    print(f"widened {original} to r={Fraction(wide.vwn_config.n, wide.vwn_config.m)} (m={wide.vwn_config.m}, "
+          f"n={wide.vwn_config.n}); saved to {out}/; load it back with {saved.load_hint()}, or run "
+          f"'vwn export {out} --out model.onnx'")
     return 0
 
 
 def cmd_export(args) -> int:
     if args.plain and args.ratio is not None:
         raise CLIError("--plain exports the model as it is; drop --ratio (or drop --plain to widen first)")
-    if not args.plain and args.ratio is None:
-        raise CLIError("give --ratio to widen before exporting, or --plain to export the model as it is")
     try:
         from .onnx import export_onnx
     except ImportError as exc:
         raise CLIError(f"vwn export needs the ONNX extra: pip install 'vwn_transform[onnx]' ({exc})") from None
-    model, kind = load_model(args)
-    if not args.plain:
+    loaded = load_model(args)
+    model = loaded.model
+    if loaded.widened:
+        if args.ratio is not None:
+            cfg = model.vwn_config
+            raise CLIError(f"{loaded.source} is already widened (r = {Fraction(cfg.n, cfg.m)}, m={cfg.m}, n={cfg.n}); "
+                           "drop --ratio to export it as it is")
+        log.info("%s is widened: exporting it as it is", loaded.source)
+    elif not args.plain and args.ratio is None:
+        raise CLIError("give --ratio to widen before exporting, or --plain to export the model as it is")
+    elif not args.plain:
         from .widen import widen
 
         model = widen(model, args.ratio, **_widen_kwargs(args), inplace=True)
     example = None
-    if kind == "gpt":
+    if loaded.kind == "gpt":
         import torch
 
-        example = (torch.randint(0, 256, (2, 8)),)
+        cfg = model.config
+        example = (torch.randint(0, cfg.vocab_size, (2, min(8, cfg.block_size))),)
     report = export_onnx(model, args.out, example_inputs=example, dynamic=not args.fixed_shapes,
                          opset=args.opset, verify=not args.no_verify)
     print(report)
@@ -277,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             import transformers
 
             transformers.logging.set_verbosity_error()
+            if not sys.stderr.isatty():  # loading/saving bars are feedback in a terminal, noise in a log file
+                transformers.utils.logging.disable_progress_bar()
         except ImportError:
             pass
     try:

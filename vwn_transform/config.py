@@ -37,7 +37,10 @@ def parse_ratio(ratio: Any) -> Fraction:
         text = ratio.strip()
         try:
             value = Fraction(text)
-        except (ValueError, ZeroDivisionError):
+        except ZeroDivisionError:
+            raise ValueError(f"ratio {ratio!r} divides by zero; write a fraction with a non-zero denominator "
+                             "like '3/2'") from None
+        except ValueError:
             raise ValueError(
                 f"ratio {ratio!r} is not a number; write it as an integer, a decimal like '1.5' or a fraction "
                 "like '3/2'"

@@ -15,13 +15,14 @@ import dataclasses
 import inspect
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from vwn_transform.persist import writable_temp_file
 
 try:
     import onnx as _onnx
@@ -266,6 +267,24 @@ def _resolve_providers(providers: Sequence[str] | None) -> list[str]:
 
 
 @contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's known, harmless noise (nothing the user can act on): torchvision op registrations
+    it skips, a pytree deprecation inside torch, and dynamic-axis renames. Anything else still shows."""
+    import warnings
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used", category=UserWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+@contextlib.contextmanager
 def _export_friendly_experts(model: nn.Module, notes: list[str]):
     """transformers' default MoE path (``grouped_mm``) is a custom op with no ONNX translation; ``batched_mm``
     computes the same with standard ops (every expert on every token). Switched explicitly, noted, restored."""
@@ -400,13 +419,11 @@ def export_onnx(model: nn.Module, path, *, example_inputs: tuple | None = None, 
 
     training = {mod: mod.training for mod in model.modules()}  # restored in `finally`
     wrapper = _Logits(model, hf).eval()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = writable_temp_file(target)  # a folder that cannot be written names `path`, not the temp file
     start = time.perf_counter()
     try:
         model.eval()
-        with _export_friendly_experts(model, notes), torch.no_grad():
+        with _export_friendly_experts(model, notes), _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
                 wrapper, example_inputs, dynamo=True, custom_translation_table=translation_table,
                 dynamic_shapes=dynamic_shapes, opset_version=opset, input_names=names, output_names=["logits"],

@@ -27,7 +27,8 @@ from .config import VWNConfig
 
 log = logging.getLogger("vwn_transform")
 
-__all__ = ["CheckpointError", "from_pretrained", "load", "save"]
+__all__ = ["CheckpointError", "check_safetensors", "from_pretrained", "load", "load_plain_pretrained", "save",
+           "writable_temp_file"]
 
 _FORMAT = "vwn_transform.checkpoint"
 _FORMAT_VERSION = 1
@@ -74,8 +75,7 @@ def save(model: nn.Module, path) -> Path:
         raise ValueError(f"cannot write {str(target)!r}: the folder {str(target.parent)!r} does not exist")
     payload = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "recipe": json.dumps(recipe),
                "state_dict": _unique_state(model)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = writable_temp_file(target)
     try:
         torch.save(payload, tmp)
         os.replace(tmp, target)
@@ -83,6 +83,23 @@ def save(model: nn.Module, path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def writable_temp_file(target: Path) -> Path:
+    """An empty temporary file next to ``target`` (same folder, so ``os.replace`` onto it is atomic), with the
+    permissions a plain ``open(target, "w")`` would give (``mkstemp`` creates files with mode 0600, which would
+    make saved models unreadable to the user's group). A folder that cannot be written names ``target``."""
+    target = Path(target)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise PermissionError(f"cannot write {str(target)!r}: {exc.strerror or exc} in the folder "
+                              f"{str(target.parent)!r}") from None
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return Path(name)
 
 
 def _read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -189,18 +206,49 @@ def load(path, model_factory: Callable[[], nn.Module]) -> nn.Module:
     return wide
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{str(index)!r} is not a readable safetensors index (truncated or corrupt?): "
+                                  f"{type(exc).__name__}: {exc}") from exc
+    else:
+        names = ["model.safetensors"]
+    files = [folder / name for name in names]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{str(folder)!r} has no {f.name} (expected the weights save_pretrained writes)")
+    return files
+
+
+def check_safetensors(folder) -> list[Path]:
+    """The safetensors weight files of a ``save_pretrained`` folder, each checked to be complete (its header is
+    read, no tensor data): a truncated or corrupt file raises :class:`CheckpointError` naming it. A folder with
+    no safetensors weights (only legacy ``pytorch_model.bin``) returns ``[]``."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if not (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").is_file():
+        return []
+    files = _safetensors_files(folder)
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{str(f)!r} is not a readable safetensors file (truncated or corrupt?): {exc}"
+                                  ) from exc
+    return files
+
+
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        f = folder / name
-        if not f.is_file():
-            raise CheckpointError(f"{str(folder)!r} has no {name} (expected the weights save_pretrained writes)")
+    for f in _safetensors_files(folder):
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -209,13 +257,85 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def from_pretrained(path, **kwargs: Any) -> nn.Module:
+def _hf_load(folder: Path, config, allowed_unexpected, strict: bool, kwargs: dict) -> nn.Module:
+    """transformers' ``AutoModelForCausalLM.from_pretrained`` with its load report turned into an error:
+    missing, unexpected (other than ``allowed_unexpected(key)``) or mismatched weights raise
+    :class:`CheckpointError` naming them; with ``strict=False`` they are logged as a warning instead."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report is checked below, and raised or logged by us
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), config=config, output_loading_info=True,
+                                                           **kwargs)
+    except (OSError, ValueError) as exc:  # transformers' own messages name what is wrong; add the folder
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise CheckpointError(f"transformers could not load {str(folder)!r}: {first}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not allowed_unexpected(k))
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    errors = list(info.get("error_msgs") or ()) + [f"{k}: {v}" for k, v in (info.get("conversion_errors") or {}).items()]
+    if missing or unexpected or mismatched or errors:
+        problem = (f"{str(folder)!r} does not match the {type(model).__name__} its config.json describes: "
+                   f"{len(missing)} missing weights {missing[:5]}, {len(unexpected)} unexpected weights "
+                   f"{unexpected[:5]}, shape mismatches {mismatched[:5]}" + (f", errors {errors[:3]}" if errors else ""))
+        if strict:
+            raise CheckpointError(problem + "; the missing weights would be randomly initialized (pass "
+                                  "strict=False to load anyway)")
+        log.warning("%s; loading anyway (strict=False): missing weights are randomly initialized", problem)
+    return model
+
+
+def load_plain_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
+    """Load an un-widened Hugging Face causal LM from a ``save_pretrained`` folder, strictly: a truncated file,
+    or a missing, unexpected or mismatched weight raises :class:`CheckpointError` naming it (transformers would
+    log them and initialize the missing weights randomly). ``strict=False`` logs them as a warning instead.
+    ``kwargs`` go to transformers' ``from_pretrained``. A folder holding a widened model is refused: load it
+    with :func:`from_pretrained`.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from vwn_transform.models.hf_tiny import tiny_hf_model
+        >>> from vwn_transform.persist import load_plain_pretrained
+        >>> model, folder = tiny_hf_model("llama"), tempfile.mkdtemp()
+        >>> model.save_pretrained(folder)
+        >>> ids = torch.randint(0, 96, (1, 6))
+        >>> torch.equal(load_plain_pretrained(folder).eval()(ids).logits, model(ids).logits)
+        True
+    """
+    try:
+        from transformers import AutoConfig
+    except ImportError as exc:
+        raise ImportError("loading a Hugging Face checkpoint needs transformers: pip install 'vwn_transform[hf]'"
+                          ) from exc
+    folder = _checkpoint_folder(path)
+    config = AutoConfig.from_pretrained(str(folder))
+    if isinstance(getattr(config, "vwn_recipe", None), dict):
+        raise CheckpointError(f"{str(folder)!r} holds a model widened by vwn_transform (vwn_recipe in "
+                              "config.json); load it with vwn_transform.from_pretrained")
+    check_safetensors(folder)
+    return _hf_load(folder, config, lambda key: False, strict, kwargs)
+
+
+def _checkpoint_folder(path) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json (expected a folder written by save_pretrained)")
+    return folder
+
+
+def from_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
     """Load a widened Hugging Face causal LM saved with ``model.save_pretrained(path)``.
 
     transformers loads the base model's weights (with its own checkpoint conversions, no initialization of
     loaded weights), widen() is replayed with the recipe stored in config.json (``vwn_recipe``), and the
-    ``*.vwn_*`` weights are loaded from the same safetensors files. ``kwargs`` go to transformers'
-    ``from_pretrained`` (e.g. ``dtype=torch.bfloat16``).
+    ``*.vwn_*`` weights are loaded from the same safetensors files. Every weight of the rebuilt model must come
+    from the checkpoint and every weight in the checkpoint must be used: otherwise :class:`CheckpointError`
+    names them (``strict=False`` logs them as a warning instead; missing weights are then randomly
+    initialized). ``kwargs`` go to transformers' ``from_pretrained`` (e.g. ``dtype=torch.bfloat16``).
 
     Example:
         >>> import tempfile, torch, vwn_transform
@@ -229,12 +349,12 @@ def from_pretrained(path, **kwargs: Any) -> nn.Module:
         True
     """
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
     except ImportError as exc:
         raise ImportError("from_pretrained needs transformers: pip install 'vwn_transform[hf]'") from exc
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no config.json (expected a folder written by save_pretrained)")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    folder = _checkpoint_folder(path)
     config = AutoConfig.from_pretrained(str(folder))
     recipe = getattr(config, "vwn_recipe", None)
     if not isinstance(recipe, dict) or "vwn_config" not in recipe:
@@ -246,23 +366,22 @@ def from_pretrained(path, **kwargs: Any) -> nn.Module:
     attn = recipe.get("attn_implementation")
     if attn and "attn_implementation" not in kwargs:
         kwargs["attn_implementation"] = attn
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the *.vwn_* keys are "unexpected" for the base model by design
-    try:
-        base = AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    # the *.vwn_* keys are "unexpected" for the base model by design; they are checked against the rebuilt
+    # widened model below
+    base = _hf_load(folder, config, lambda key: ".vwn_" in key or key.startswith("vwn_"), strict, kwargs)
     base_keys = set(base.state_dict())
     wide = _replay(base.eval(), recipe, repr(str(folder)))
     added = {k: v for k, v in wide.state_dict().items() if k not in base_keys}
     missing = sorted(k for k in added if k not in state)
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in added.items() if k in state and
              state[k].shape != v.shape]
-    if missing or wrong:
+    unused = sorted(k for k in state if (".vwn_" in k or k.startswith("vwn_")) and k not in added)
+    if missing or wrong or unused:
         cfg = VWNConfig.from_dict(recipe["vwn_config"])
-        raise CheckpointError(f"{str(folder)!r} ({_describe(cfg)}) does not fit the rebuilt model "
-                              f"({_describe(wide.vwn_config)}): missing {missing[:5]}, shape mismatches {wrong[:5]}")
-    wide.load_state_dict({k: state[k] for k in added}, strict=False)
+        problem = (f"{str(folder)!r} ({_describe(cfg)}) does not fit the rebuilt model ({_describe(wide.vwn_config)}): "
+                   f"missing {missing[:5]}, shape mismatches {wrong[:5]}, unexpected {unused[:5]}")
+        if strict or wrong:
+            raise CheckpointError(problem)
+        log.warning("%s; loading anyway (strict=False)", problem)
+    wide.load_state_dict({k: state[k] for k in added if k in state}, strict=False)
     return wide

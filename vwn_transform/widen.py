@@ -178,6 +178,20 @@ def _check_not_widened(model: nn.Module) -> None:
             )
 
 
+def _check_not_peft(model: nn.Module) -> None:
+    """Refuse a model carrying PEFT modules (a PeftModel, or LoRA layers injected into the model): its widened form
+    would record the wrapper as the model class, and neither the adapter nor the merged model would reload."""
+    found = next(((name, mod) for name, mod in model.named_modules()
+                  if type(mod).__module__.split(".")[0] == "peft"), None)
+    if found is not None:
+        name, mod = found
+        raise UnsupportedModelError(
+            f"{name or 'the model'} is a {type(mod).__name__} from peft: widen() takes the plain model. Either merge "
+            "the adapter first (widen(peft_model.merge_and_unload(), ...)), or widen first and then apply LoRA with "
+            "get_peft_model(wide, LoraConfig(..., modules_to_save=vwn_transform.peft_modules_to_save(wide)))"
+        )
+
+
 def _resolve_config(config, ratio, m, dynamic, init, embedding, mtp=False, mtp_weight=0.3
                     ) -> tuple[VWNConfig | None, dict]:
     """Validate what can be validated before looking at the model."""
@@ -191,17 +205,36 @@ def _resolve_config(config, ratio, m, dynamic, init, embedding, mtp=False, mtp_w
         raise ValueError("widen() needs a ratio (e.g. 1.5, '3/2', 4) or a config=VWNConfig(n=..., m=...)")
     r = parse_ratio(ratio)
     if r > MAX_SLOTS:
-        raise ValueError(f"ratio {ratio!r} needs more than the {MAX_SLOTS} supported slots; the paper uses up to 8")
+        raise ValueError(f"ratio {_ratio_text(ratio)} needs more than the {MAX_SLOTS} supported slots; the paper uses "
+                         "ratios up to 8")
     # validates dynamic/init/embedding now, before any work on the model
     VWNConfig(n=1, m=1, dynamic=dynamic, init=init, embedding=embedding, mtp=mtp, mtp_weight=mtp_weight)
     return None, dict(ratio=ratio, m=m, dynamic=dynamic, init=init, embedding=embedding, mtp=mtp,
                       mtp_weight=mtp_weight)
 
 
+def _ratio_text(ratio) -> str:
+    """A ratio as the user would write it (``10000``, ``3/2``), not ``Fraction(10000, 1)``."""
+    return str(ratio) if isinstance(ratio, Fraction) else repr(ratio)
+
+
+def _warn_unusual(cfg: VWNConfig, params_original: int, params_added: int, model_name: str) -> None:
+    """Legal but almost certainly unintended widenings: logged as warnings (the model is still widened)."""
+    if cfg.n == cfg.m:
+        log.warning("ratio 1 ((m, n) = (%d, %d)) adds %s GHC parameters but no width: the over-width state is as "
+                    "wide as the backbone (the study's baseline; use ratio > 1 to widen)", cfg.m, cfg.n,
+                    f"{params_added:,}")
+    if params_original and params_added > 10 * params_original:
+        log.warning("ratio %s multiplies the parameters of %s by %.0fx (%s added to %s); the paper uses ratios up "
+                    "to 8 with n <= 64 slots", Fraction(cfg.n, cfg.m), model_name,
+                    (params_original + params_added) / params_original, f"{params_added:,}", f"{params_original:,}")
+
+
 def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, mtp=False, mtp_weight=0.3):
     if not isinstance(model, nn.Module):
         raise TypeError(f"widen() expects a torch.nn.Module, got {type(model).__name__}")
     fixed, pending = _resolve_config(config, ratio, m, dynamic, init, embedding, mtp, mtp_weight)
+    _check_not_peft(model)
     _check_not_widened(model)
     structure = probe_model(model, example_inputs)
     d = structure.hidden_size
@@ -302,7 +335,9 @@ def plan(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: V
     """
     cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, mtp,
                                       mtp_weight)
-    return _build_plan(model, cfg, structure, blocks)
+    result = _build_plan(model, cfg, structure, blocks)
+    _warn_unusual(cfg, result.params_original, result.params_added, result.model_class)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -533,6 +568,9 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
                                       mtp_weight)
     if cfg.mtp:
         _label_convention(model)  # refuse before any work on the model
+    params_original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    _warn_unusual(cfg, params_original, _count_added(model, cfg, structure, sum(len(b.updates) for b in blocks)),
+                  type(model).__name__)
     target = model if inplace else copy.deepcopy(model)
     op = _Surgery()
     try:
