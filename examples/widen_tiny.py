@@ -1,6 +1,6 @@
 """Widen a tiny Hugging Face Llama and the project's reference GPT; print the plan and show the logits match.
 
-Run: make demo   (or: .venv/bin/python examples/widen_tiny.py)
+Run: .venv/bin/python examples/widen_tiny.py   (after `make install`; about 10 s)
 """
 
 from __future__ import annotations

@@ -229,3 +229,56 @@ def test_plan_and_export_a_local_checkpoint_directory(tmp_path, capsys):
     target = tmp_path / "plain.onnx"
     assert in_process("export", ckpt, "--plain", "--out", target) == 0
     assert "widened by vwn_transform: no" in capsys.readouterr().out and target.is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# demo robustness: optional dependencies checked before training, numbers kept when a later step fails
+# ------------------------------------------------------------------------------------------------------------
+def test_demo_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    from vwn_transform import demo
+
+    def no_matplotlib():
+        raise ImportError("plots need matplotlib: pip install 'vwn_transform[demo]'")
+
+    trained = []
+    monkeypatch.setattr(demo, "_pyplot", no_matplotlib)
+    monkeypatch.setattr(demo, "train_models", lambda *a, **k: trained.append(1))
+    with pytest.raises(ImportError, match="matplotlib"):
+        demo.run_demo(demo.DemoSettings.quick(steps=2), tmp_path / "out", export=False, progress=False,
+                      echo=lambda _: None)
+    assert not trained and not (tmp_path / "out").exists()
+
+
+def test_demo_keeps_results_json_when_the_export_fails(tmp_path, monkeypatch):
+    import torch
+
+    import vwn_transform.onnx
+    from vwn_transform import demo
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("onnxruntime exploded")
+
+    monkeypatch.setattr(vwn_transform.onnx, "export_onnx", broken_export)
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="exploded"):
+        demo.run_demo(demo.DemoSettings.quick(steps=2, eval_every=1), tmp_path, progress=False,
+                      echo=lambda _: None, threads=1)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["val_loss"]["baseline"]) == 3 and "exploded" in results["onnx"]
+    assert (tmp_path / "loss_curves.png").is_file()
+    assert torch.get_num_threads() == threads  # the caller's thread setting is restored
+
+
+def test_demo_thread_choice(monkeypatch):
+    import torch
+
+    from vwn_transform.demo import DEFAULT_CPU_THREADS, choose_threads
+
+    cpu = torch.device("cpu")
+    assert choose_threads(3, cpu) == (3, "--threads")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads(None, cpu)[0] == DEFAULT_CPU_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert choose_threads(None, cpu) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    with pytest.raises(ValueError, match="threads must be a positive int, got 0"):
+        choose_threads(0, cpu)

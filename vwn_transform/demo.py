@@ -87,6 +87,48 @@ class DemoSettings:
         return self.batch_size * self.block_size
 
 
+#: Threads for the demo models on the CPU when the user sets none (``--threads``, ``OMP_NUM_THREADS``): these
+#: models are small enough that one thread is as fast as two on the 2-core machine and does not collapse when
+#: another process is busy (benchmarks/demo_threads.py, benchmarks/NOTES.md); it also makes runs reproducible
+#: bit for bit, since reductions no longer depend on how work is split across threads.
+DEFAULT_CPU_THREADS = 1
+
+
+def choose_threads(requested: int | None, device: torch.device) -> tuple[int, str]:
+    """The CPU thread count to train with and why: ``requested`` (``--threads``), else ``OMP_NUM_THREADS`` when
+    set, else :data:`DEFAULT_CPU_THREADS`."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads must be a positive int, got {requested!r}")
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    if device.type != "cpu":
+        return torch.get_num_threads(), "torch default (the models run on the GPU)"
+    return DEFAULT_CPU_THREADS, "default for the small demo models (benchmarks/demo_threads.py)"
+
+
+def _set_threads(requested: int | None, device: torch.device, echo: Callable[[str], None]) -> None:
+    threads, why = choose_threads(requested, device)
+    torch.set_num_threads(threads)
+    echo(f"CPU threads: {threads} ({why})")
+
+
+def _restoring_threads(fn):
+    """run_demo/run_study set torch's thread count for training; the caller's setting is restored afterwards."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
+    return wrapper
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``/``cuda:N`` or ``auto`` (cuda when available); an unavailable device is an error."""
     if name == "auto":
@@ -264,7 +306,7 @@ def train_models(models: dict[str, nn.Module], settings: DemoSettings, batches: 
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
             record(step + 1)
             if bar is not None:
-                bar.set_postfix({n: f"{v[-1]:.3f}" for n, v in history["val"].items()})
+                bar.set_postfix({f"val loss {n.split(' ')[0]}": f"{v[-1]:.3f}" for n, v in history["val"].items()})
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -345,14 +387,28 @@ def _finish(plt, fig, ax, xlabel: str, title: str, path: Path) -> None:
 
 
 def plot_curves(history: dict, path: Path, title: str) -> None:
+    """Validation loss against training tokens from step 0 (where the function-preserving init puts both models
+    at the same loss); a second panel zooms into the second half of training, where the gap opens."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     tokens = [t / 1e6 for t in history["tokens"]]
-    for name, losses in history["val"].items():
-        ax.plot(tokens[1:], losses[1:], marker="o", markersize=3, label=f"{name} (next token)")
-    for name, losses in history.get("val_mtp", {}).items():
-        ax.plot(tokens[1:], losses[1:], linestyle="--", label=f"{name} (next-2 token)")
-    _finish(plt, fig, ax, "training tokens (M)", title, path)
+    zoom = len(tokens) >= 4
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(10 if zoom else 6, 3.6), dpi=100, squeeze=False)
+    panels = [(axes[0][0], 0, title)]
+    if zoom:
+        panels.append((axes[0][1], len(tokens) // 2, "second half of training (zoom)"))
+    for ax, first, panel_title in panels:
+        for name, losses in history["val"].items():
+            ax.plot(tokens[first:], losses[first:], marker="o", markersize=3, label=f"{name} (next token)")
+        for name, losses in history.get("val_mtp", {}).items():
+            ax.plot(tokens[first:], losses[first:], linestyle="--", label=f"{name} (next-2 token)")
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.set_title(panel_title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_study(finals: dict[str, float], fit: dict | None, path: Path, title: str) -> None:
@@ -395,15 +451,40 @@ def _prepare_out(out_dir) -> Path:
     return out
 
 
+def _check_optional_dependencies(export: bool) -> None:
+    """Fail before hours of training, not after: the plot needs matplotlib, the export the ONNX extra."""
+    _pyplot()
+    if export:
+        try:
+            from . import onnx as _onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(f"the ONNX export at the end of the demo needs the ONNX extra: pip install "
+                              f"'vwn_transform[onnx]', or pass --no-onnx ({exc})") from exc
+
+
+def _write_json(path: Path, results: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+
+
+@_restoring_threads
 def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, mtp: bool = False,
-             export: bool = True, progress: bool = True, echo: Callable[[str], None] | None = None) -> dict:
-    """Train the reference GPT and its widened twin; write ``results.json``, ``loss_curves.png`` and (when the
-    ONNX extra is installed and ``export``) ``widened.onnx`` into ``out_dir``. Returns the results dict."""
+             export: bool = True, progress: bool = True, echo: Callable[[str], None] | None = None,
+             threads: int | None = None) -> dict:
+    """Train the reference GPT and its widened twin; write ``results.json``, ``loss_curves.png`` and (when
+    ``export``) ``widened.onnx`` into ``out_dir``. Returns the results dict.
+
+    Optional dependencies (matplotlib; onnx/onnxruntime when ``export``) are checked before training;
+    ``results.json`` is written as soon as training ends, so a failing plot or export keeps the numbers."""
     echo = echo or _echo
     r = parse_ratio(ratio)
     choose_slots(r, settings.n_embd, m)  # a ratio/m the model cannot take fails here, before any file is written
     device = resolve_device(settings.device)  # validate everything before creating the output folder
+    _check_optional_dependencies(export)
     out = _prepare_out(out_dir)
+    _set_threads(threads, device, echo)
     data, source = load_corpus()
     echo(f"corpus: {source}")
     batches = Batches(data, settings, device)
@@ -424,26 +505,29 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
         "final_gap": lw[-1] - lb[-1], "token_efficiency": eff,
         "train_seconds": history["seconds"], "environment": _environment(),
     }
+    _write_json(out / "results.json", results)  # the numbers are safe before plotting and exporting
+    written = [out / "results.json"]
     echo("")
     echo(format_demo_table(results))
     plot_curves(history, out / "loss_curves.png",
                 f"byte-level GPT ({settings.n_layer}L, D={settings.n_embd}) vs VWN twin r={r} (m={cfg.m}, n={cfg.n})")
-    written = [out / "loss_curves.png"]
+    written.append(out / "loss_curves.png")
     if export:
+        from .onnx import export_onnx
+
+        example = (batches.train_batch(0)[0][:2, : min(16, settings.block_size)].cpu(),)  # [2, <=16]
         try:
-            from .onnx import export_onnx
-        except ImportError as exc:
-            results["onnx"] = f"not exported: {exc}"
-        else:
-            example = (batches.train_batch(0)[0][:2, : min(16, settings.block_size)].cpu(),)  # [2, <=16]
             report = export_onnx(wide.cpu(), out / "widened.onnx", example_inputs=example)
-            results["onnx"] = {"path": report.path, "max_abs_diff": report.max_abs_diff,
-                               "providers": report.providers, "file_size_bytes": report.file_size_bytes}
-            written.append(out / "widened.onnx")
-            echo(f"ONNX: {report.path} verified in onnxruntime ({report.providers}), max abs diff "
-                 f"{report.max_abs_diff:.1e}")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    written.append(out / "results.json")
+        except Exception as exc:
+            results["onnx"] = f"export failed: {type(exc).__name__}: {exc}"
+            _write_json(out / "results.json", results)
+            raise
+        results["onnx"] = {"path": report.path, "max_abs_diff": report.max_abs_diff,
+                           "providers": report.providers, "file_size_bytes": report.file_size_bytes}
+        written.append(out / "widened.onnx")
+        echo(f"ONNX: {report.path} verified in onnxruntime ({report.providers}), max abs diff "
+             f"{report.max_abs_diff:.1e}")
+        _write_json(out / "results.json", results)
     echo("wrote " + ", ".join(str(p) for p in written))
     return results
 
@@ -466,8 +550,9 @@ def format_demo_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+@_restoring_threads
 def run_study(settings: DemoSettings, out_dir, *, ratios: Sequence = ("1", "1.5", "2", "4", "8"), m: int | None = 2,
-              progress: bool = True, echo: Callable[[str], None] | None = None) -> dict:
+              progress: bool = True, echo: Callable[[str], None] | None = None, threads: int | None = None) -> dict:
     """Train the reference GPT at each expansion ratio (r=1 is the baseline) and fit ``loss = a - b log2 r`` on
     r >= 2; write ``study.json`` and ``study.png``. Returns the results dict."""
     echo = echo or _echo
@@ -478,7 +563,9 @@ def run_study(settings: DemoSettings, out_dir, *, ratios: Sequence = ("1", "1.5"
         if r != 1:
             choose_slots(r, settings.n_embd, m)
     device = resolve_device(settings.device)  # validate everything before creating the output folder
+    _check_optional_dependencies(export=False)
     out = _prepare_out(out_dir)
+    _set_threads(threads, device, echo)
     data, source = load_corpus()
     echo(f"corpus: {source}")
     batches = Batches(data, settings, device)
@@ -503,12 +590,12 @@ def run_study(settings: DemoSettings, out_dir, *, ratios: Sequence = ("1", "1.5"
                "ratios": [str(r) for r in parsed], "slots": shapes, "final_val_loss": finals,
                "tokens": history["tokens"] if history else [], "val_loss": curves, "fit_r_ge_2": fit,
                "train_seconds": seconds, "environment": _environment()}
+    _write_json(out / "study.json", results)  # the numbers are safe before plotting
     echo("")
     echo(format_study_table(results))
     plot_study(finals, fit, out / "study.png",
                f"byte-level GPT ({settings.n_layer}L, D={settings.n_embd}), {settings.steps} steps per ratio")
-    (out / "study.json").write_text(json.dumps(results, indent=2))
-    echo(f"wrote {out / 'study.png'}, {out / 'study.json'}")
+    echo(f"wrote {out / 'study.json'}, {out / 'study.png'}")
     return results
 
 
