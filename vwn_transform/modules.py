@@ -8,13 +8,18 @@ state_dict of a widened model is the original one plus ``*.vwn_*`` entries.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import vwn_transform.ops  # noqa: F401  (registers torch.ops.vwn.*)
 
-__all__ = ["GHC", "SlotRMSNorm", "WideEmbedding", "swap_class", "is_vwn_module"]
+__all__ = ["GHC", "SlotRMSNorm", "WideEmbedding", "WideModelMixin", "swap_class", "swap_model_class",
+           "is_vwn_module"]
 
 
 class SlotRMSNorm(nn.Module):
@@ -237,16 +242,45 @@ class WideEmbedding(VWNMixin, nn.Embedding):
     Swapped in *below* the module's own class (``VWNOPTLearnedPositionalEmbedding(OPTLearned..., WideEmbedding)``)
     so it sees the indices that reach ``nn.Embedding.forward`` after any subclass logic (position offsets,
     scaling), and the subclass's post-processing (e.g. Gemma 3's embedding scale) applies to all slots.
+
+    ``embedding_dim`` keeps its ``nn.Embedding`` meaning, the width of ``weight`` (``D``): ``weight`` is still
+    ``[num_embeddings, embedding_dim]``, the tied head's parameter, and what resizing, sharding and quantization
+    code reads. The width of the output is ``vwn_width`` (``D'``).
     """
 
     vwn_mode: str
 
+    @property
+    def vwn_width(self) -> int:
+        """``D'``: the width of this embedding's output (``embedding_dim`` is the width of ``weight``, ``D``)."""
+        if self.vwn_mode == "table":
+            return self.weight.shape[1] + self.vwn_extra.shape[1]
+        return self.vwn_expand.shape[0]
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         base = super().forward(input)  # [..., D]
         if self.vwn_mode == "table":
+            if self.vwn_extra.shape[0] != self.weight.shape[0]:
+                raise RuntimeError(
+                    f"the wide table is out of step: weight has {self.weight.shape[0]} rows but vwn_extra has "
+                    f"{self.vwn_extra.shape[0]}; resize the vocabulary with model.resize_token_embeddings(n) on the "
+                    "widened top-level model, which resizes both"
+                )
             extra = F.embedding(input, self.vwn_extra)  # [..., D' - D]
             return torch.cat([base, extra.to(base.dtype)], dim=-1)  # [..., D']
         return F.linear(base, self.vwn_expand.to(base.dtype))  # [..., D']
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, vwn_width={self.vwn_width}, vwn_mode={self.vwn_mode}"
+
+
+def preserve_extra_slots(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The extra slots of the function-preserving wide table for base rows ``[R, D]``: ``[R, D' - D]``, extra
+    virtual slot ``k`` (``m <= k < n``) a copy of backbone slot ``k mod m`` (as widen() builds them)."""
+    slot = rows.shape[1] // m
+    if n == m:
+        return rows.new_empty(rows.shape[0], 0)
+    return torch.cat([rows[:, (k % m) * slot:(k % m + 1) * slot] for k in range(m, n)], dim=1)  # [R, (n-m)*slot]
 
 
 class ReduceMixin(VWNMixin):
@@ -313,6 +347,131 @@ def swap_class(module: nn.Module, mixin: type) -> type:
         cls = type(f"VWN{base.__name__}", bases, {"vwn_base_class": base, "__module__": base.__module__})
         _class_cache[key] = cls
     module.__class__ = cls
+    return base
+
+
+class WideModelMixin(VWNMixin):
+    """Swapped onto a widened Hugging Face model (``swap_model_class``): keeps the HF model API that touches the
+    vocabulary or the embedding width consistent with the wide table.
+
+    - ``resize_token_embeddings``: HF resizes ``weight`` (and an untied head); the extra slots of the wide table
+      (``vwn_extra``) follow: old rows are kept, new rows are built the way widen() builds them (init="preserve":
+      copies of the new base row's slots, so the widened model stays function-preserving relative to the
+      resized original; init="paper": HF's own initializer for new rows, applied to the extra slots). An untied
+      head that widen() had changed gets its VWN class back after HF replaced it by a plain ``nn.Linear``.
+    - ``forward``: ``inputs_embeds`` must be over-width (``D'``); anything else is a ValueError saying so.
+    - ``num_parameters(exclude_embeddings=True)``: ``vwn_extra`` is an embedding table and is excluded too.
+      ``vwn_expand`` (embedding="factorized") is a per-token matmul and stays counted, as it costs compute.
+    """
+
+    def _vwn_check_inputs_embeds(self, embeds) -> None:
+        # the WideEmbedding itself, or inside a wrapper (PEFT's ModulesToSaveWrapper holds copies of it)
+        emb = next((mod for mod in self.get_input_embeddings().modules() if isinstance(mod, WideEmbedding)), None)
+        wide = emb.vwn_width if emb is not None else None
+        got = embeds.shape[-1] if isinstance(embeds, torch.Tensor) and embeds.dim() >= 1 else None
+        if wide is not None and got != wide:
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(
+                f"inputs_embeds has width {got} (shape {shape}), but this widened {type(self).__name__} expects "
+                f"over-width embeddings of width D' = {wide} (hidden size D = {emb.weight.shape[1]} widened by "
+                f"vwn_transform); build them with model.get_input_embeddings()(input_ids), which returns width {wide}"
+            )
+
+    @torch.no_grad()
+    def _vwn_resize_extra(self, emb: WideEmbedding, old_rows: int, mean_resizing: bool) -> None:
+        rows = emb.weight.shape[0]
+        extra = emb.vwn_extra
+        if extra.shape[0] == rows:
+            return
+        keep = min(old_rows, extra.shape[0], rows)
+        new = torch.empty(rows, extra.shape[1], dtype=extra.dtype, device=extra.device)
+        new[:keep] = extra[:keep]
+        added = rows - keep
+        if added:
+            cfg = self.vwn_config
+            if cfg.init == "preserve":
+                new[keep:] = preserve_extra_slots(emb.weight[keep:], cfg.n, cfg.m).to(new.dtype)
+            elif mean_resizing:
+                # HF's initializer for new rows (mean and covariance of the old rows), on the extra slots
+                self._init_added_embeddings_weights_with_mean(types.SimpleNamespace(weight=extra[:keep]),
+                                                              types.SimpleNamespace(weight=new), keep, added)
+            else:
+                fresh = nn.Embedding(added, extra.shape[1], device=extra.device, dtype=extra.dtype)
+                self._init_weights(fresh)  # HF's init of new rows (normal, std = config.initializer_range)
+                new[keep:] = fresh.weight
+        extra.data = new  # same Parameter (optimizer state and requires_grad stay attached), new rows
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True):
+        emb = self.get_input_embeddings()
+        if not isinstance(emb, WideEmbedding):
+            return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        old_rows = emb.weight.shape[0]
+        head = self.get_output_embeddings()
+        # HF sets requires_grad on the whole embedding module from weight's flag; the VWN parameters keep theirs
+        flags = {name: p.requires_grad for name, p in emb.named_parameters(recurse=False) if name != "weight"}
+        out = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        for name, flag in flags.items():
+            getattr(emb, name).requires_grad_(flag)
+        if emb.vwn_mode == "table":
+            self._vwn_resize_extra(emb, old_rows, mean_resizing)
+        new_head = self.get_output_embeddings()
+        if head is not None and new_head is not head and isinstance(head, VWNMixin) and \
+                type(new_head) is head.vwn_base_class:
+            # an untied head was rebuilt by HF as a plain module: give it back its VWN class and attributes
+            for name, value in vars(head).items():
+                if name.startswith("vwn_") and name not in new_head.__dict__:
+                    setattr(new_head, name, value)
+            for store in ("_parameters", "_buffers", "_modules"):
+                for name, value in getattr(head, store).items():
+                    if name.startswith("vwn_"):
+                        getattr(new_head, store)[name] = value
+            new_head.__class__ = type(head)
+        return out
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        total = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if exclude_embeddings:
+            for mod in self.modules():
+                extra = mod._parameters.get("vwn_extra") if isinstance(mod, WideEmbedding) else None
+                if extra is not None and (extra.requires_grad or not only_trainable):
+                    total -= extra.numel()
+        return total
+
+
+_model_class_cache: dict[type, type] = {}
+
+
+def swap_model_class(model: nn.Module) -> type:
+    """Give a widened Hugging Face model a generated subclass of its class with :class:`WideModelMixin`; returns
+    the old class.
+
+    The subclass keeps the class's name and qualified name (``save_pretrained`` writes the name into
+    config.json's ``architectures``), and its ``forward`` wraps the class's own with ``functools.wraps``, so
+    ``inspect.signature(model.forward)`` (read by generate(), Trainer and PEFT) is unchanged.
+    """
+    base = type(model)
+    cls = _model_class_cache.get(base)
+    if cls is None:
+        base_forward = base.forward
+        params = list(inspect.signature(base_forward).parameters)
+        pos = params.index("inputs_embeds") - 1 if "inputs_embeds" in params else None  # -1: self
+
+        @functools.wraps(base_forward)
+        def forward(self, *args, **kwargs):
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None and pos is not None and len(args) > pos:
+                embeds = args[pos]
+            if embeds is not None:
+                self._vwn_check_inputs_embeds(embeds)
+            return base_forward(self, *args, **kwargs)
+
+        cls = type(base.__name__, (WideModelMixin, base), {
+            "vwn_base_class": base, "forward": forward,
+            "__module__": base.__module__, "__qualname__": base.__qualname__,
+        })
+        _model_class_cache[base] = cls
+    model.__class__ = cls
     return base
 
 

@@ -23,6 +23,7 @@ from vwn_transform.modules import (
     WidenedBlockMixin,
     is_vwn_module,
     swap_class,
+    swap_model_class,
 )
 from vwn_transform.passes.block_graph import (
     GHC_CONTAINER,
@@ -495,6 +496,21 @@ def _check_output(target: nn.Module, structure: ModelStructure, cfg: VWNConfig) 
         )
 
 
+def _hook_model(target: nn.Module, op: _Surgery) -> None:
+    """A Hugging Face model gets :class:`~vwn_transform.modules.WideModelMixin` (same class name, same forward
+    signature): ``resize_token_embeddings`` resizes the wide table too, ``inputs_embeds`` of the wrong width is a
+    clear ValueError, ``num_parameters(exclude_embeddings=True)`` excludes ``vwn_extra``."""
+    if not callable(getattr(target, "resize_token_embeddings", None)):
+        return
+    try:
+        emb = target.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if isinstance(emb, WideEmbedding):
+        old = swap_model_class(target)
+        op._undo.append(lambda: setattr(target, "__class__", old))
+
+
 def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStructure, blocks, cfg: VWNConfig,
                    op: _Surgery) -> None:
     """``model.vwn_recipe``: what save/load needs to replay widen() (and, for HF models, ``config.vwn_recipe``,
@@ -609,6 +625,7 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
         _prebuild_signatures(target, structure)
         if cfg.mtp:
             attach_mtp(target, structure, cfg, op)
+        _hook_model(target, op)
         _record_recipe(target, model, structure, blocks, cfg, op)
     except BaseException:
         op.rollback()
