@@ -253,3 +253,17 @@ def test_unusual_ratios_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="vwn_transform"):
         vwn_transform.widen(model, 2)
     assert caplog.text == ""
+
+
+def test_export_onnx_from_python_prints_no_exporter_noise(tmp_path, capfd):
+    import warnings
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    wide = vwn_transform.widen(model, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vwn_transform.export_onnx(wide, tmp_path / "m.onnx", example_inputs=(torch.randint(0, 64, (2, 8)),))
+    err = capfd.readouterr().err
+    assert "torchvision" not in err, err
+    noisy = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, UserWarning))]
+    assert not noisy, noisy
