@@ -3,7 +3,8 @@
 Every function works on token-major 3-D views:
 
 * ``h``  ``[N, n, d]``  over-width state, N tokens, n slots of width d = D/m (model dtype)
-* ``z``  ``[N, m, d]``  backbone sublayer output cut into m slots (model dtype)
+* ``z``  ``[N, m, d]``  backbone sublayer output cut into m slots (model dtype; under autocast it may be
+  narrower than ``h``, and :func:`write` promotes like ``h + z``)
 * coefficient tensors are in the mixing precision (fp32; fp64 for fp64 states): ``read_c``/``write_c`` ``[N, n, m]``, ``carry_c`` ``[N, n, n]``;
   static GHC passes the parameters themselves (``[n, m]``, ``[n, n]``), which broadcast over tokens.
 
@@ -27,6 +28,7 @@ __all__ = [
     "read_dynamic_backward",
     "read_static",
     "read_static_backward",
+    "state_dtype",
     "write",
     "write_backward",
     "write_read_dynamic",
@@ -157,28 +159,37 @@ def read_static_backward(h, read, grad_x):
     return g_h.to(h.dtype), g_read.to(read.dtype)
 
 
+def state_dtype(h: torch.Tensor, z: torch.Tensor) -> torch.dtype:
+    """dtype of the new state ``H'``: ``h`` and ``z`` promoted, as ``h + z`` is in the un-widened model (an fp32
+    residual stream stays fp32 when an autocast sublayer returns bf16)."""
+    return torch.promote_types(h.dtype, z.dtype)
+
+
 def write(h, z, carry_c, write_c):
-    """``H' = WriteT @ Z + Carry^T @ H``: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype of ``h``.
+    """``H' = WriteT @ Z + Carry^T @ H``: ``[N, n, d], [N, m, d] -> [N, n, d]`` in :func:`state_dtype` (the dtype
+    of ``h`` and ``z`` promoted; ``h`` and ``z`` may differ, e.g. an fp32 state and a bf16 autocast sublayer).
 
     Two batched matmuls, the second accumulating in place (stacking ``[H ; Z]`` into one operand instead costs a
     concatenation that is slower than the second small-matrix bmm; benchmarks/NOTES.md).
     """
-    ct = compute_dtype(h.dtype)
+    out_dtype = state_dtype(h, z)
+    ct = compute_dtype(out_dtype)
     out = torch.matmul(carry_c.to(ct).transpose(-1, -2), h.to(ct))  # [N, n, d]
     zf, wc = z.to(ct), write_c.to(ct)
     if wc.dim() == 3:
         out.baddbmm_(wc, zf)  # += WriteT @ Z without a temporary
     else:
         out += torch.matmul(wc, zf)
-    return out.to(h.dtype)
+    return out.to(out_dtype)
 
 
 def write_backward(h, z, carry_c, write_c, grad_out):
     """Gradients of :func:`write` with respect to ``h, z, carry_c, write_c``.
 
-    When the coefficients are static (2-D), their gradients are summed over tokens.
+    When the coefficients are static (2-D), their gradients are summed over tokens. Each gradient has the dtype of
+    its input.
     """
-    ct = compute_dtype(h.dtype)
+    ct = compute_dtype(state_dtype(h, z))
     g = grad_out.to(ct)  # [N, n, d]
     hf, zf = h.to(ct), z.to(ct)
     wc, cc = write_c.to(ct), carry_c.to(ct)
@@ -210,5 +221,7 @@ def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, read,
     """Gradients of :func:`write_read_dynamic`: ``(h, z, carry_c, write_c)`` then the nine read parameters."""
     g_read = read_dynamic_backward(h_new, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
                                    scale_write, eps, stats, grad_x, grad_carry2, grad_write2)
-    g_total = (g_read[0].to(compute_dtype(h.dtype)) + grad_h_new.to(compute_dtype(h.dtype))).to(h.dtype)
+    ct = compute_dtype(h_new.dtype)
+    # dL/dH' summed in the mixing precision, rounded to the dtype of H' as autograd would sum it unfused
+    g_total = (g_read[0].to(ct) + grad_h_new.to(ct)).to(h_new.dtype)
     return write_backward(h, z, carry_c, write_c, g_total) + tuple(g_read[1:])

@@ -97,12 +97,13 @@ def _coefficients(carry_c, write_c, N, n, m):
 
 
 def write(h, z, carry_c, write_c):
-    """Triton version of :func:`kernels.reference.write`: ``[N, n, d], [N, m, d] -> [N, n, d]``."""
+    """Triton version of :func:`kernels.reference.write`: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype of
+    ``h`` and ``z`` promoted (the kernel loads each in its own dtype)."""
     n, m = write_c.shape[-2:]
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
-    out = torch.empty_like(h)
+    out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N:
         bt, bd = blocks(n, d)
         _write_fwd[(triton.cdiv(N, bt),)](h, z, cc, wc, out, N, n, m, d, STATIC=static, BT=bt, NP=pow2(n),

@@ -88,9 +88,10 @@ def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, w
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
-    gate_inputs, outputs = read_launch(h, N, n, m, d, norm_weight, proj, read, carry, write, scale_read,
+    h_new = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
+    # the read outputs (x) take the dtype of the state they read: H'
+    gate_inputs, outputs = read_launch(h_new, N, n, m, d, norm_weight, proj, read, carry, write, scale_read,
                                        scale_carry, scale_write)
-    h_new = torch.empty_like(h)
     if N:
         bt, bd = blocks(n, d)
         _write_read_fwd[(triton.cdiv(N, bt),)](
@@ -107,5 +108,5 @@ def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, read,
     g_read = read_dynamic_backward(h_new, norm_weight, proj, read, carry, write, scale_read, scale_carry,
                                    scale_write, eps, stats, grad_x, grad_carry2, grad_write2)
     g_total = g_read[0].float() + grad_h_new.reshape(g_read[0].shape).float()
-    g_h, g_z, g_cc, g_wc = write_backward(h, z, carry_c, write_c, g_total.to(h.dtype))
+    g_h, g_z, g_cc, g_wc = write_backward(h, z, carry_c, write_c, g_total.to(h_new.dtype))
     return (g_h, g_z, g_cc, g_wc) + tuple(g_read[1:])

@@ -15,6 +15,10 @@ Which implementation runs is chosen explicitly, never by silent fallback:
 
 The choice is logged once per (op, implementation) and is queryable with :func:`implementations_used`.
 
+Autocast: every op (forward and backward) has an AutocastCPU and AutocastCUDA kernel that runs it as outside
+autocast, without casting its inputs; ``ghc_write`` promotes the state and sublayer dtypes like ``s + z`` does
+(the autocast section at the end of this module says why).
+
 Shapes (flat, as the model carries them): ``h`` ``[..., n*d]``, ``x``/``z`` ``[..., m*d]``.
 """
 
@@ -29,9 +33,13 @@ import torch
 from vwn_transform.kernels import reference
 
 __all__ = [
+    "AUTOCAST_DEVICE_TYPES",
+    "AUTOCAST_DISPATCH_KEYS",
     "IMPLS",
+    "backward_op_names",
     "current_impl",
     "implementations_used",
+    "op_names",
     "reset_implementations_used",
     "set_impl",
 ]
@@ -68,27 +76,33 @@ def reset_implementations_used() -> None:
     _used.clear()
 
 
-def _triton_obstacle(tensor: torch.Tensor, slots: tuple[int, int]) -> str | None:
+def _triton_obstacle(tensor: torch.Tensor, slots: tuple[int, int], others: Sequence[torch.Tensor] = ()) -> str | None:
     from vwn_transform.kernels.triton_common import MAX_M, MAX_N, why_not_runnable
 
     n, m = slots
     if not (m <= MAX_M and n <= MAX_N):
         return f"(m, n) = ({m}, {n}) is outside the kernels' range m <= {MAX_M}, n <= {MAX_N}"
-    return why_not_runnable(tensor)
+    for t in (tensor, *others):
+        obstacle = why_not_runnable(t)
+        if obstacle is not None:
+            return obstacle
+    return None
 
 
-def _resolve(op_name: str, tensor: torch.Tensor, slots: tuple[int, int]):
-    """The kernels module to run ``op_name`` with: ``kernels.reference`` or ``kernels.triton_ops``."""
+def _resolve(op_name: str, tensor: torch.Tensor, slots: tuple[int, int], *others: torch.Tensor):
+    """The kernels module to run ``op_name`` with: ``kernels.reference`` or ``kernels.triton_ops``. ``tensor`` is
+    the state (it picks the device); ``others`` are activations that must also suit the kernels (their dtype may
+    differ from the state's, e.g. ``z`` from an autocast sublayer)."""
     requested = current_impl()
     reason = ""
     if requested == "triton":
-        obstacle = _triton_obstacle(tensor, slots)
+        obstacle = _triton_obstacle(tensor, slots, others)
         if obstacle is not None:
             raise RuntimeError(f"VWN_IMPL=triton was requested for vwn::{op_name}, but {obstacle}; use "
                                "VWN_IMPL=reference or VWN_IMPL=auto")
         chosen = "triton"
     elif requested == "auto" and tensor.device.type == "cuda":
-        obstacle = _triton_obstacle(tensor, slots)
+        obstacle = _triton_obstacle(tensor, slots, others)
         chosen = "triton" if obstacle is None else "reference"
         reason = "" if obstacle is None else f": {obstacle}"
     else:
@@ -267,14 +281,14 @@ torch.library.register_autograd("vwn::ghc_read_static", _read_static_bwd, setup_
 @torch.library.custom_op("vwn::ghc_write", mutates_args=())
 def ghc_write(h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor) -> torch.Tensor:
     n, m = write_c.shape[-2:]
-    impl = _resolve("ghc_write", h, (n, m))
+    impl = _resolve("ghc_write", h, (n, m), z)
     out = impl.write(_tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m))
     return out.reshape(h.shape)
 
 
 @ghc_write.register_fake
 def _(h, z, carry_c, write_c):
-    return torch.empty_like(h)
+    return torch.empty_like(h, dtype=reference.state_dtype(h, z))
 
 
 @torch.library.custom_op("vwn::ghc_write_backward", mutates_args=())
@@ -282,7 +296,7 @@ def ghc_write_backward(
     h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor, grad_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, m = write_c.shape[-2:]
-    impl = _resolve("ghc_write_backward", h, (n, m))
+    impl = _resolve("ghc_write_backward", h, (n, m), z, grad_out)
     g_h, g_z, g_c, g_w = impl.write_backward(
         _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), _tokens(grad_out, n)
     )
@@ -326,7 +340,7 @@ def ghc_write_read_dynamic(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ghc_write`` followed by the next GHC's ``ghc_read_dynamic``: ``(h_new, x, carry_c, write_c, stats)``."""
     n, m = read.shape
-    impl = _resolve("ghc_write_read_dynamic", h, (n, m))
+    impl = _resolve("ghc_write_read_dynamic", h, (n, m), z)
     lead = h.shape[:-1]
     h_new, x, cc2, wc2, stats = impl.write_read_dynamic(
         _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, read, carry,
@@ -340,9 +354,11 @@ def ghc_write_read_dynamic(
 def _(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     n, m = read.shape
     lead = h.shape[:-1]
-    ct = reference.compute_dtype(h.dtype)
-    return (torch.empty_like(h), h.new_empty((*lead, h.shape[-1] // n * m)), h.new_empty((*lead, n, n), dtype=ct),
-            h.new_empty((*lead, n, m), dtype=ct), h.new_empty((*lead, n, 2 * m + n + 1), dtype=ct))
+    st = reference.state_dtype(h, z)  # h_new and x: h and z promoted
+    ct = reference.compute_dtype(st)
+    return (torch.empty_like(h, dtype=st), h.new_empty((*lead, h.shape[-1] // n * m), dtype=st),
+            h.new_empty((*lead, n, n), dtype=ct), h.new_empty((*lead, n, m), dtype=ct),
+            h.new_empty((*lead, n, 2 * m + n + 1), dtype=ct))
 
 
 @torch.library.custom_op("vwn::ghc_write_read_dynamic_backward", mutates_args=())
@@ -353,7 +369,7 @@ def ghc_write_read_dynamic_backward(
     grad_h_new: torch.Tensor, grad_x: torch.Tensor, grad_carry2: torch.Tensor, grad_write2: torch.Tensor,
 ) -> list[torch.Tensor]:
     n, m = read.shape
-    impl = _resolve("ghc_write_read_dynamic_backward", h, (n, m))
+    impl = _resolve("ghc_write_read_dynamic_backward", h, (n, m), z, h_new, grad_h_new, grad_x)
     grads = impl.write_read_dynamic_backward(
         _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, read, carry,
         write, scale_read, scale_carry, scale_write, eps, _tokens(h_new, n), stats.reshape(-1, n, stats.shape[-1]),
@@ -382,8 +398,8 @@ def _write_read_bwd(ctx, grad_h_new, grad_x, grad_carry2, grad_write2, _grad_sta
     n, m = read.shape
     lead = h.shape[:-1]
     # autograd hands None for outputs that did not reach the loss
-    grad_h_new = torch.zeros_like(h) if grad_h_new is None else grad_h_new
-    grad_x = torch.zeros_like(z) if grad_x is None else grad_x
+    grad_h_new = torch.zeros_like(h_new) if grad_h_new is None else grad_h_new
+    grad_x = h_new.new_zeros(z.shape) if grad_x is None else grad_x  # x has the shape of z, the dtype of h_new
     grad_carry2 = stats.new_zeros((*lead, n, n)) if grad_carry2 is None else grad_carry2
     grad_write2 = stats.new_zeros((*lead, n, m)) if grad_write2 is None else grad_write2
     grads = torch.ops.vwn.ghc_write_read_dynamic_backward(*saved, ctx.eps, h_new, stats, grad_h_new, grad_x,
@@ -397,3 +413,60 @@ torch.library.register_autograd("vwn::ghc_write_read_dynamic", _write_read_bwd, 
 def op_names() -> Sequence[str]:
     """Qualified names of the forward ops (what passes insert and backends match)."""
     return ("vwn::ghc_read_dynamic", "vwn::ghc_read_static", "vwn::ghc_write", "vwn::ghc_write_read_dynamic")
+
+
+def backward_op_names() -> Sequence[str]:
+    """Qualified names of the backward ops (what the registered autograd formulas call)."""
+    return tuple(f"{name}_backward" for name in op_names())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autocast (torch.autocast / torch.amp, HF Trainer bf16=True/fp16=True)
+# ----------------------------------------------------------------------------------------------------------
+# Without a registration, autocast falls through to the op's CPU/CUDA kernel with autocast still on, so the
+# torch ops inside the kernels were autocast one by one (bf16 matmuls in the fp32 mixing, and a crash in the
+# reference write's in-place baddbmm_). Every vwn op, forward and backward, therefore has its own kernel for the
+# AutocastCPU and AutocastCUDA dispatch keys (registered with Library.impl, as torch.library.register_autocast
+# registers its kernel). The policy is "promote", as aten's add/cat have it, and it needs no cast at the op
+# boundary:
+#
+# * No input is cast. The state h keeps its dtype, so the residual stream has the dtype the un-widened model's
+#   has under autocast: fp32 for an fp32 model (the embedding output is fp32 and `s + bf16_sublayer_out`
+#   promotes to fp32), bf16 for a model that was .to(bf16). The new state H' of ghc_write/ghc_write_read_dynamic
+#   is h and z promoted (reference.state_dtype) as `s + z` is, and the read's x takes the dtype of the state it
+#   reads, as the sublayer input `s` does. The kernels read h and z each in its own dtype, so promotion costs
+#   no extra pass over z (an fp32 copy of a bf16 z would).
+# * The kernel runs with autocast disabled: the GHC math is fp32 mixing by design (vwn-math.md; coefficients and
+#   stats are fp32), and the small torch ops inside the kernels must not be downcast one by one.
+# * Parameters are not cast either: the kernels read them in the mixing precision whatever their dtype.
+# * Not torch.library.register_autocast(op, device, cast_inputs): it casts every floating input to one dtype.
+#   cast_inputs=bf16 would round the fp32 residual stream and the mixing; cast_inputs=fp32 would turn a bf16
+#   model's state into fp32 (twice the bytes, a residual dtype the un-widened model never has), and its casts
+#   would hand the op new tensors, which GHC(recompute=True)'s saved-tensor hooks (keyed by tensor identity)
+#   cannot tell apart from the coefficients they drop.
+# Consequence: an op gives the same result, bit for bit, inside and outside an autocast region for the same
+# inputs; autocast only changes the dtypes of what the sublayers hand it. eps (a float) and the tuple outputs
+# pass through untouched.
+AUTOCAST_DISPATCH_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # device type -> dispatch key
+AUTOCAST_DEVICE_TYPES = tuple(AUTOCAST_DISPATCH_KEYS)
+_AUTOCAST_LIB = torch.library.Library("vwn", "FRAGMENT")  # module global: the registrations live as long as it
+
+
+def _register_autocast(qualname: str, device_type: str) -> None:
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    key = AUTOCAST_DISPATCH_KEYS[device_type]
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def run_without_autocast(*args):
+        # what torch.library.register_autocast's kernel does, minus the casts: redispatch with this device's
+        # autocast key excluded, so the kernel and every torch op inside it run as outside autocast
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*args)
+
+    _AUTOCAST_LIB.impl(name, run_without_autocast, key)
+
+
+for _qualname in (*op_names(), *backward_op_names()):
+    for _device_type in AUTOCAST_DEVICE_TYPES:
+        _register_autocast(_qualname, _device_type)
