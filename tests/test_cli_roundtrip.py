@@ -267,3 +267,17 @@ def test_export_onnx_from_python_prints_no_exporter_noise(tmp_path, capfd):
     assert "torchvision" not in err, err
     noisy = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, UserWarning))]
     assert not noisy, noisy
+
+
+def test_plain_checkpoint_folder_widens_and_reloads(tmp_path, capsys):
+    original = tiny_hf_model("qwen3").eval()
+    original.save_pretrained(str(tmp_path / "P"))
+    status, out, err = cli(capsys, "plan", tmp_path / "P", "--ratio", "3/2")
+    assert status == 0 and "Qwen3ForCausalLM" in out and "3/2" in out, err
+    status, out, err = cli(capsys, "widen", tmp_path / "P", "--ratio", "3/2", "--out", tmp_path / "W")
+    assert status == 0 and "from_pretrained" in out, err
+    back = vwn_transform.from_pretrained(tmp_path / "W")
+    assert (back.vwn_config.m, back.vwn_config.n) == (2, 3)
+    ids = torch.randint(0, original.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        assert (back(ids).logits - original(ids).logits).abs().max() <= 1e-5

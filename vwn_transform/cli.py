@@ -437,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vwn: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `vwn plan ... | head`: the reader left; not an error worth a message
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise complain again when it flushes at exit
+        return 1
     except Exception as exc:  # one line for users; VWN_TRACEBACK=1 for developers
         if os.environ.get("VWN_TRACEBACK"):
             raise
