@@ -2,7 +2,7 @@
 
 >>> import vwn_transform
 >>> sorted(vwn_transform.__all__)[:3]
-['GHC', 'UnsupportedModelError', 'VWNConfig']
+['CheckpointError', 'GHC', 'UnsupportedModelError']
 """
 
 from .config import UnsupportedModelError, VWNConfig

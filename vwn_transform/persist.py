@@ -303,7 +303,8 @@ def load_plain_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Mod
         >>> model, folder = tiny_hf_model("llama"), tempfile.mkdtemp()
         >>> model.save_pretrained(folder)
         >>> ids = torch.randint(0, 96, (1, 6))
-        >>> torch.equal(load_plain_pretrained(folder).eval()(ids).logits, model(ids).logits)
+        >>> back = load_plain_pretrained(folder).eval()  # transformers picks sdpa attention: rounding differs
+        >>> torch.allclose(back(ids).logits, model(ids).logits, atol=1e-5)
         True
     """
     try:
