@@ -5,9 +5,12 @@ Layout conventions of every kernel (token-major, contiguous):
 * ``h`` ``[N, n, d]`` over-width state, ``x``/``z`` ``[N, m, d]`` backbone-width tensors (model dtype);
 * coefficients in fp32: per token ``[N, n, n]`` / ``[N, n, m]`` or static ``[n, n]`` / ``[n, m]``.
 
-A program owns ``BT`` tokens and walks the slot width ``d`` in chunks of ``BD``; slots are padded to powers of
-two of at least 16 (``NP`` for n, ``MP`` for m) so every small product is a ``tl.dot`` (tensor cores on GPU).
-All mixing and accumulation runs in fp32 (``input_precision="ieee"``: no TF32 rounding).
+The padded ``tl.dot`` kernels ("padded-dot-v1": the reads, the fused write+read, the write for n > 8): a program
+owns ``BT`` tokens and walks the slot width ``d`` in chunks of ``BD``; slots are padded to powers of two of at
+least 16 (``NP`` for n, ``MP`` for m) so every small product is a ``tl.dot``. All mixing and accumulation runs
+in fp32 (``input_precision="ieee"``: no TF32 rounding, which also means FMAs, not tensor cores, on GPU; the
+static gate shows they spill, ``benchmarks/NOTES.md``). The FMA kernels (``triton_write_fma.py``, n <=
+``FMA_MAX_N``) unroll the slots instead, on per-slot 2-D tiles.
 
 Triton runs natively on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (set before triton is
 imported), which is how CI tests these kernels.
@@ -21,6 +24,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_M, MAX_N = 16, 64
+FMA_MAX_N = 8  # slot counts up to this run the FMA kernels (triton_*_fma.py), larger ones the padded tl.dot ones
 
 
 def interpreting() -> bool:
@@ -57,11 +61,12 @@ def check_slots(n: int, m: int) -> None:
         raise ValueError(f"the Triton GHC kernels support m <= {MAX_M} and n <= {MAX_N}, got (m, n) = ({m}, {n})")
 
 
-def blocks(n: int, d: int) -> tuple[int, int]:
-    """(BT tokens per program, BD slot-width chunk). The interpreter costs ~1 ms per program instance, so it gets
-    large blocks; on GPU about 128 rows of [BT * NP, BD] per program keeps registers in check."""
+def blocks(n: int, d: int, native: bool | None = None) -> tuple[int, int]:
+    """(BT tokens per program, BD slot-width chunk) of the padded tl.dot kernels. The interpreter costs ~1 ms per
+    program instance, so it gets large blocks; on GPU about 128 rows of [BT * NP, BD] per program (what the
+    static gate compiles: ``native=True``)."""
     np_ = pow2(n)
-    if interpreting():
+    if not native and (native is not None or interpreting()):
         return 128, pow2(d)
     return max(1, 128 // np_), min(64, pow2(d))
 

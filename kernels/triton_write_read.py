@@ -8,7 +8,7 @@ sublayer boundary. Outputs: ``(h_new, x, carry_c, write_c, stats)`` as :func:`tr
 :func:`triton_read_dynamic.read_dynamic`.
 
 The backward composes the two backward kernels (read of l+1 first, its ``dL/dH'`` added to the incoming one,
-then the write of l).
+then the write of l: the FMA write backward for n <= ``FMA_MAX_N``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import triton.language as tl
 from .triton_common import blocks, contiguous3, pow2, state_view
 from .triton_helpers import to_output
 from .triton_read_dynamic import _gates_and_store, _wg_chunk, read_dynamic_backward, read_launch
-from .triton_write import _coef3, _coefficients, write_backward
+from . import triton_write, triton_write_fma
+from .triton_write import _coef3, _coefficients
 
 
 @triton.jit
@@ -108,5 +109,7 @@ def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, read,
     g_read = read_dynamic_backward(h_new, norm_weight, proj, read, carry, write, scale_read, scale_carry,
                                    scale_write, eps, stats, grad_x, grad_carry2, grad_write2)
     g_total = g_read[0].float() + grad_h_new.reshape(g_read[0].shape).float()
-    g_h, g_z, g_cc, g_wc = write_backward(h, z, carry_c, write_c, g_total.to(h_new.dtype))
+    n, m = read.shape
+    write_kernels = triton_write_fma if triton_write_fma.supports(n, m) else triton_write
+    g_h, g_z, g_cc, g_wc = write_kernels.write_backward(h, z, carry_c, write_c, g_total.to(h_new.dtype))
     return (g_h, g_z, g_cc, g_wc) + tuple(g_read[1:])

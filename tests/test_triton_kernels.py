@@ -11,8 +11,11 @@ import torch
 
 import vwn_transform
 from vwn_transform import ops
+from vwn_transform.kernels import measured
 from vwn_transform.kernels import reference as ref
 from vwn_transform.kernels import triton_ops as tri
+from vwn_transform.kernels.measured import auto_choice
+from vwn_transform.kernels.triton_common import interpreting
 from vwn_transform.models import GPT, GPTConfig
 
 SLOTS = [(1, 4), (2, 3), (4, 4), (8, 64)]  # (m, n)
@@ -192,12 +195,67 @@ def test_training_parity_five_steps():
         assert (p_tri[name] - p).abs().max().item() <= 1e-5, name
 
 
+# ------------------------------------------------------------------------------------------------------------
+# the FMA write + carry (n <= 8): per-slot tiles, unrolled FMAs (kernels/triton_write_fma.py)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,N,d", [(2, 3, 577, 40), (1, 4, 1, 24), (4, 4, 33, 300), (8, 8, 5, 40),
+                                     (2, 3, 9, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fma_write_matches_reference(m, n, N, d, dtype, monkeypatch):
+    """Forward and backward, per-token and static coefficients, outputs NaN-poisoned: fp32 within 2e-5 of the
+    reference; bf16 within twice the reference's own error against fp64 (d=300 and 129 take several steps of
+    the backward's loop over d, with a ragged last one)."""
+    from vwn_transform.kernels import triton_write_fma as fma
+
+    assert fma.supports(n, m)
+    g = torch.Generator().manual_seed(31)
+    h, z, gout = (torch.randn(N, s, d, generator=g).to(DEVICE, dtype) for s in (n, m, n))
+    cases = {"dynamic": (torch.randn(N, n, n, generator=g), torch.randn(N, n, m, generator=g)),
+             "static": (torch.randn(n, n, generator=g), torch.randn(n, m, generator=g))}
+    for kind, (cc, wc) in cases.items():
+        cc, wc = cc.to(DEVICE), wc.to(DEVICE)
+        with nan_poisoned_outputs(monkeypatch):
+            got = (fma.write(h, z, cc, wc),) + fma.write_backward(h, z, cc, wc, gout)
+        want = (ref.write(h, z, cc, wc),) + ref.write_backward(h, z, cc, wc, gout)
+        exact = (ref.write(h.double(), z.double(), cc.double(), wc.double()),) + \
+            ref.write_backward(h.double(), z.double(), cc.double(), wc.double(), gout.double())
+        for i, (a, w, e) in enumerate(zip(got, want, exact)):
+            assert a.shape == w.shape and a.dtype == w.dtype, (kind, i)
+            assert torch.isfinite(a).all(), f"{kind}[{i}] has unwritten (NaN) entries"
+            limit = 2e-5 if dtype == torch.float32 else 2 * rel_err(w, e) + 1e-6
+            assert rel_err(a, e if dtype != torch.float32 else w) <= limit, (kind, i, rel_err(a, w))
+
+
+def test_fma_write_mixed_dtypes_and_determinism():
+    """An fp32 state with a bf16 sublayer output (autocast) promotes like the reference; the static coefficient
+    gradients (per-program partials + a fixed-order sum) are bitwise reproducible."""
+    from vwn_transform.kernels import triton_write_fma as fma
+
+    g = torch.Generator().manual_seed(32)
+    N, m, n, d = 300, 2, 3, 24
+    h = torch.randn(N, n, d, generator=g).to(DEVICE)
+    z = torch.randn(N, m, d, generator=g).to(DEVICE, torch.bfloat16)
+    cc, wc = torch.randn(n, n, generator=g).to(DEVICE), torch.randn(n, m, generator=g).to(DEVICE)
+    out = fma.write(h, z, cc, wc)
+    assert out.dtype == torch.float32 and rel_err(out, ref.write(h, z, cc, wc)) <= 2e-5
+    gout = torch.randn(N, n, d, generator=g).to(DEVICE)
+    first = fma.write_backward(h, z, cc, wc, gout)
+    want = ref.write_backward(h, z, cc, wc, gout)
+    for a, w in zip(first, want):
+        assert a.dtype == w.dtype and rel_err(a, w) <= 2e-5
+    second = fma.write_backward(h, z, cc, wc, gout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
+                    reason="runs the kernels on CPU tensors, i.e. through the Triton interpreter")
 def test_dispatch_is_explicit(monkeypatch):
     h = torch.randn(3, 3 * 8)
     read = torch.randn(3, 2)
     ops.reset_implementations_used()
     torch.ops.vwn.ghc_read_static(h, read)
     assert ops.implementations_used() == {"ghc_read_static": "reference"}  # auto on the CPU
+    assert ops.implementations_used(reasons=True) == {"ghc_read_static": ("reference", "cpu tensors")}
     ops.set_impl("triton")
     try:
         torch.ops.vwn.ghc_read_static(h, read)
@@ -206,22 +264,80 @@ def test_dispatch_is_explicit(monkeypatch):
             torch.ops.vwn.ghc_read_static(torch.randn(2, 65 * 4), torch.randn(65, 2))
         with pytest.raises(RuntimeError, match="support .* got torch.float64"):
             torch.ops.vwn.ghc_read_static(h.double(), read.double())
-        monkeypatch.delenv("TRITON_INTERPRET")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is not set"):
             torch.ops.vwn.ghc_read_static(h, read)
     finally:
         ops.set_impl(None)
 
 
+def test_auto_follows_the_measured_table():
+    """VWN_IMPL=auto on CUDA: Triton only where the measured table says it beat the reference forward+backward
+    (read_static at (8, 64) bf16 on the H200), for forward and backward alike; everything else the reference."""
+    bf16 = torch.bfloat16
+    choice, why = auto_choice("ghc_read_static", 8, 64, bf16, 256, 16384)
+    assert choice == "triton" and "2.51 ms vs reference 5.06 ms" in why and "H200" in why
+    assert auto_choice("ghc_read_static_backward", 8, 64, bf16, 256, 16384)[0] == "triton"
+    assert auto_choice("ghc_read_static", 8, 64, bf16, 512, 65536)[0] == "triton"  # within the size bucket
+    for call in [("ghc_write_backward", 8, 64, bf16, 256, 16384),
+                 ("ghc_read_dynamic", 2, 3, bf16, 1024, 16384),
+                 ("ghc_read_static", 2, 3, bf16, 1024, 16384)]:  # faster forward only: forward+backward decides
+        choice, why = auto_choice(*call)
+        assert choice == "reference" and why.startswith("measured slower"), call
+    for call, says in [(("ghc_write_read_dynamic", 2, 3, bf16, 1024, 16384), "no measurement"),
+                       (("ghc_read_static", 8, 64, torch.float32, 256, 16384), "no measurement"),
+                       (("ghc_read_static", 8, 16, bf16, 256, 16384), "no measurement"),
+                       (("ghc_read_static", 8, 64, bf16, 256, 1), "not near"),
+                       (("ghc_read_static", 8, 64, bf16, 4096, 16384), "not near")]:
+        choice, why = auto_choice(*call)
+        assert choice == "reference" and says in why, (call, why)
+    # the write at (2, 3) was measured slower with the padded tl.dot kernel; the FMA kernel that replaced it there
+    # is unmeasured, so auto stays on the reference until a GPU run adds a row for it
+    choice, why = auto_choice("ghc_write", 2, 3, bf16, 1024, 16384)
+    assert choice == "reference" and "'padded-dot-v1', which is no longer the one that runs ('fma-v1'" in why
+    assert measured.kernel_id("write", 8, 64) == "padded-dot-v1" and measured.kernel_id("write", 2, 8) == "fma-v1"
+    rewritten = dict(measured.KERNEL_IDS, read_static="something-new")
+    choice, why = auto_choice("ghc_read_static", 8, 64, bf16, 256, 16384, rewritten)
+    assert choice == "reference" and "no longer the one" in why
+    for row in measured.MEASURED:  # the table says where it was measured
+        assert row.kernel in set(measured.KERNEL_IDS.values()) | {"padded-dot-v1"}
+
+
+def test_auto_dispatch_on_cuda_uses_the_table(monkeypatch):
+    """ops._resolve with VWN_IMPL=auto on a (stand-in) CUDA state: the table's choice and reason are recorded."""
+    from types import SimpleNamespace
+
+    def cuda_state(tokens, n, d, dtype):
+        return SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(tokens, n * d), dtype=dtype,
+                               dim=lambda: 2, numel=lambda: tokens * n * d)
+
+    monkeypatch.setattr(ops, "_triton_obstacle", lambda *args: None)
+    monkeypatch.setenv("VWN_IMPL", "auto")
+    ops.reset_implementations_used()
+    assert ops._resolve("ghc_read_static", cuda_state(16384, 64, 256, torch.bfloat16), (64, 8)) is tri
+    assert ops._resolve("ghc_write", cuda_state(16384, 64, 256, torch.bfloat16), (64, 8)) is ref
+    used = ops.implementations_used(reasons=True)
+    assert used["ghc_read_static"][0] == "triton" and "measured faster" in used["ghc_read_static"][1]
+    assert used["ghc_write"][0] == "reference" and "measured slower" in used["ghc_write"][1]
+    monkeypatch.setattr(ops, "_triton_obstacle", lambda *args: "triton is not installed")
+    assert ops._resolve("ghc_read_static", cuda_state(16384, 64, 256, torch.bfloat16), (64, 8)) is ref
+    assert ops.implementations_used(reasons=True)["ghc_read_static"] == ("reference", "triton is not installed")
+    ops.reset_implementations_used()
+
+
 @pytest.mark.gpu  # deselected by the CPU test command (-m "not gpu"); run on a GPU with: pytest -m gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n", [(2, 3), (8, 16), (8, 64)])
 def test_kernels_realistic_shapes_on_gpu(dtype, m, n):
+    """Against fp64: within twice the reference's own error (+2e-5 in fp32). Not against the fp32 reference: its
+    static coefficient gradients are one fp32 GEMM over 16384 x d products, off by up to ~1e-4 relative (CPU
+    reference, (2, 3), interpreter run of the FMA write: reference 2.9e-5 and 8.0e-5, the kernel 1.6e-7 and
+    3.9e-7 against fp64)."""
     want, got, exact = kernel_cases(16384, m, n, 2048 // m, dtype)
     for name in want:
         for i, (w, g, e) in enumerate(zip(want[name], got[name], exact[name])):
-            limit = 2e-5 if dtype == torch.float32 else 2 * rel_err(w, e) + 1e-6
-            assert rel_err(g, e if dtype != torch.float32 else w) <= limit, (name, i)
+            limit = 2 * rel_err(w, e) + (2e-5 if dtype == torch.float32 else 1e-6)
+            assert rel_err(g, e) <= limit, (name, i, rel_err(g, e), rel_err(w, e))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -8,12 +8,16 @@ is itself a custom op.
 Which implementation runs is chosen explicitly, never by silent fallback:
 
 * ``VWN_IMPL=reference`` (or :func:`set_impl`): the plain-PyTorch math in ``vwn_transform.kernels.reference``.
-* ``VWN_IMPL=triton``: the fused Triton kernels (``vwn_transform.kernels.triton_*``): natively on CUDA tensors,
-  on CPU tensors only under ``TRITON_INTERPRET=1``; anywhere else a ``RuntimeError`` that says why.
-* ``VWN_IMPL=auto`` (default): Triton for CUDA tensors when it can run there (fp32/bf16/fp16, m <= 16,
-  n <= 64, triton installed), the reference otherwise, the reason logged; the reference on the CPU.
+* ``VWN_IMPL=triton``: the fused Triton kernels (``vwn_transform.kernels.triton_*``; the write + carry by the FMA
+  kernels for n <= 8): natively on CUDA tensors, on CPU tensors only under ``TRITON_INTERPRET=1``; anywhere else
+  a ``RuntimeError`` that says why.
+* ``VWN_IMPL=auto`` (default): never slower than the reference by measurement. On CUDA a Triton kernel runs
+  only where the measured table in ``vwn_transform.kernels.measured`` (device, versions and figures in it) says
+  that kernel beat the reference forward+backward at that (op, m, n, dtype) and a similar size, and the kernels
+  can run there; everything unmeasured runs the reference. On the CPU: the reference.
 
-The choice is logged once per (op, implementation) and is queryable with :func:`implementations_used`.
+The choice and its reason are logged whenever they change for an op and are queryable with
+:func:`implementations_used` (``reasons=True`` adds the reason).
 
 Autocast: every op (forward and backward) has an AutocastCPU and AutocastCUDA kernel that runs it as outside
 autocast, without casting its inputs; ``ghc_write`` promotes the state and sublayer dtypes like ``s + z`` does
@@ -49,6 +53,7 @@ log = logging.getLogger("vwn_transform")
 IMPLS = ("auto", "reference", "triton")
 _impl_override: str | None = None
 _used: dict[str, str] = {}
+_reasons: dict[str, str] = {}
 
 
 def set_impl(impl: str | None) -> None:
@@ -67,13 +72,17 @@ def current_impl() -> str:
     return impl
 
 
-def implementations_used() -> dict[str, str]:
-    """``{op name: implementation}`` for every GHC op that has run in this process."""
+def implementations_used(reasons: bool = False) -> dict[str, str] | dict[str, tuple[str, str]]:
+    """``{op name: implementation}`` for every GHC op that has run in this process (its latest call);
+    ``reasons=True``: ``{op name: (implementation, why)}``."""
+    if reasons:
+        return {op: (impl, _reasons.get(op, "")) for op, impl in _used.items()}
     return dict(_used)
 
 
 def reset_implementations_used() -> None:
     _used.clear()
+    _reasons.clear()
 
 
 def _triton_obstacle(tensor: torch.Tensor, slots: tuple[int, int], others: Sequence[torch.Tensor] = ()) -> str | None:
@@ -91,26 +100,34 @@ def _triton_obstacle(tensor: torch.Tensor, slots: tuple[int, int], others: Seque
 
 def _resolve(op_name: str, tensor: torch.Tensor, slots: tuple[int, int], *others: torch.Tensor):
     """The kernels module to run ``op_name`` with: ``kernels.reference`` or ``kernels.triton_ops``. ``tensor`` is
-    the state (it picks the device); ``others`` are activations that must also suit the kernels (their dtype may
-    differ from the state's, e.g. ``z`` from an autocast sublayer)."""
+    the state ``[..., n*d]`` (it picks the device, dtype and size); ``others`` are activations that must also suit
+    the kernels (their dtype may differ from the state's, e.g. ``z`` from an autocast sublayer)."""
     requested = current_impl()
-    reason = ""
     if requested == "triton":
         obstacle = _triton_obstacle(tensor, slots, others)
         if obstacle is not None:
             raise RuntimeError(f"VWN_IMPL=triton was requested for vwn::{op_name}, but {obstacle}; use "
                                "VWN_IMPL=reference or VWN_IMPL=auto")
-        chosen = "triton"
+        chosen, reason = "triton", "requested"
     elif requested == "auto" and tensor.device.type == "cuda":
         obstacle = _triton_obstacle(tensor, slots, others)
-        chosen = "triton" if obstacle is None else "reference"
-        reason = "" if obstacle is None else f": {obstacle}"
+        if obstacle is not None:
+            chosen, reason = "reference", obstacle
+        else:
+            from vwn_transform.kernels.measured import auto_choice
+
+            n, m = slots
+            width = tensor.shape[-1] if tensor.dim() else 0
+            tokens = tensor.numel() // width if width else 0
+            chosen, reason = auto_choice(op_name, m, n, tensor.dtype, width // n, tokens)
     else:
         chosen = "reference"
-    if _used.get(op_name) != chosen:
-        log.info("vwn::%s runs the %s implementation (VWN_IMPL=%s, device %s)%s", op_name, chosen, requested,
+        reason = "requested" if requested == "reference" else f"{tensor.device.type} tensors"
+    if _used.get(op_name) != chosen or _reasons.get(op_name) != reason:
+        log.info("vwn::%s runs the %s implementation (VWN_IMPL=%s, device %s): %s", op_name, chosen, requested,
                  tensor.device.type, reason)
         _used[op_name] = chosen
+        _reasons[op_name] = reason
     if chosen == "triton":
         from vwn_transform.kernels import triton_ops
 

@@ -1,0 +1,77 @@
+"""The static gate (benchmarks/kernel_static_check.py), CI subset: kernels compiled for sm_90a on the CPU and read
+with the wheel's ptxas. It must fail on a kernel known to spill (the padded tl.dot write forward: 255 registers,
+spill stores, 144 KB of shared memory) and pass on the FMA write kernels, which are designed spill-free; plus the
+parsing of ptxas output and PTX on fixed text. About 40 s (a cold Triton cache; seconds when warm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SCRIPT = os.path.join(ROOT, "benchmarks", "kernel_static_check.py")
+
+triton = pytest.importorskip("triton")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+needs_ptxas = pytest.mark.skipif(not os.path.exists(PTXAS), reason="this triton wheel bundles no ptxas")
+
+
+def run_gate(tmp_path, *args):
+    out = tmp_path / "gate.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, SCRIPT, *args, "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    return proc, rows
+
+
+@needs_ptxas
+def test_gate_fails_on_the_spilling_kernel(tmp_path):
+    proc, rows = run_gate(tmp_path, "--kernels", "legacy", "--only", "write_fwd[padded-dot-v1,dynamic]",
+                          "--slots", "2,3", "--D", "2048", "--dtype", "bf16")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert {"kernel", "m", "n", "D", "dtype", "registers", "spill_bytes", "smem_bytes",
+            "mma_instructions"} <= set(row)
+    assert (row["m"], row["n"], row["D"], row["dtype"]) == (2, 3, 2048, "bf16")
+    assert row["spill_bytes"] > 0 and row["registers"] >= 200 and row["smem_bytes"] > 100 * 1024, row
+    assert row["mma_instructions"] == 0  # fp32 "ieee" tl.dot lowers to FMAs
+    assert "| FAIL |" in proc.stdout
+
+
+@needs_ptxas
+def test_gate_passes_on_the_fma_write_kernels(tmp_path):
+    proc, rows = run_gate(tmp_path, "--quick")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kernels = {r["kernel"] for r in rows}
+    assert {"write_fwd[fma-v1,dynamic]", "write_bwd[fma-v1,dynamic]", "write_fwd[fma-v1,static]",
+            "write_bwd[fma-v1,static]"} <= kernels, kernels
+    for r in rows:
+        assert r["error"] is None and r["spill_bytes"] == 0 and r["spill_loads"] == 0, r
+        assert r["smem_bytes"] <= 100 * 1024 and 0 < r["registers"] <= 255, r
+        assert r["v4_loads"] > 0, r  # 16-byte loads of the bf16 tiles
+
+
+def test_ptxas_and_ptx_parsing():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import kernel_static_check as gate
+    finally:
+        sys.path.pop(0)
+    text = ("ptxas info    : Compiling entry function '_write_fwd' for 'sm_90a'\n"
+            "ptxas info    : Function properties for _write_fwd\n"
+            "    312 bytes stack frame, 304 bytes spill stores, 300 bytes spill loads\n"
+            "ptxas info    : Used 255 registers, used 1 barriers, 312 bytes cumulative stack size\n")
+    assert gate.parse_ptxas(text) == dict(registers=255, spill_stores=304, spill_loads=300)
+    with pytest.raises(ValueError):
+        gate.parse_ptxas("ptxas fatal   : Unresolved extern function")
+    ptx = ("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, ...;\n"
+           "\t@%p3 wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};\n"
+           "\tfma.rn.f32 %f5, %f6, %f7, %f8;\n// mma.sync in a comment\n")
+    assert gate.count_mma(ptx) == 2
