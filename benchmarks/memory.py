@@ -6,9 +6,13 @@ forward (``loss = model(ids, labels=ids).loss``), counted with ``torch.autograd.
 deduplicated by storage, parameters excluded. With checkpointing (``torch.utils.checkpoint`` of every block,
 non-reentrant) a block keeps only its inputs: the count then is what is saved outside the blocks plus each
 block's input. The "GHC recompute" column is ``VWNConfig(recompute=True)``: the dynamic GHC coefficients and
-read statistics are recomputed in the backward instead of stored. This is the allocator-independent part of peak memory that VWN changes (the r*D-wide state is
-saved around every GHC); the count is the same on any device, so it runs on the CPU. A real checkpointed
-backward is run too, to check the wiring computes the same gradients.
+read statistics are recomputed in the backward instead of stored. The torch.compile table compiles the same
+models (``backend="inductor"``, ``--backend`` to change it) with and without recompute and counts what the
+compiled graphs save the same way (AOT autograd saves its tensors with ``ctx.save_for_backward``, which the
+hooks see); there the recompute is done by AOT autograd's partitioner. This is the allocator-independent part
+of peak memory that VWN changes (the r*D-wide state is saved around every GHC); the count is the same on any
+device, so it runs on the CPU. A real checkpointed backward is run too, to check the wiring computes the same
+gradients.
 
 Model: Llama-style, ``LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
 num_attention_heads=4, vocab_size=256)``, batch 8 x 128 tokens, fp32; widened at r=1.5 (2, 3) and r=8 (1, 8),
@@ -16,7 +20,8 @@ dynamic GHC.
 
 Usage::
 
-    .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py                 # both tables (compiling takes a few minutes on a CPU)
+    .venv/bin/python benchmarks/memory.py --backend none  # eager table only
 """
 
 from __future__ import annotations
@@ -102,6 +107,44 @@ def recompute_saving(model, ids) -> int:
     return _Recomputed.dropped_bytes - before
 
 
+def compiled_saved_bytes(model, ids, backend: str, recompute: bool) -> tuple[int, list[torch.Tensor]]:
+    """Bytes the compiled model keeps for the backward after one forward, and its gradients after the backward.
+    ``recompute`` sets ``GHC.recompute`` on every dynamic GHC for this call."""
+    from vwn_transform.modules import GHC
+
+    ghcs = [g for g in model.modules() if isinstance(g, GHC)]
+    for g in ghcs:
+        g.recompute = recompute and g.dynamic
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=backend)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fast(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    finally:
+        for g in ghcs:
+            g.recompute = False
+    return sum(seen.values()), grads
+
+
+def eager_grads(model, ids) -> list[torch.Tensor]:
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def checkpointed_grads_match(model, ids) -> bool:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -129,6 +172,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="inductor",
+                    help="torch.compile backend of the compiled table (inductor, aot_eager, vwn), 'none' to skip it")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("torch").setLevel(logging.ERROR)
@@ -151,6 +196,23 @@ def main() -> None:
         rec = plain - dropped
         print(f"| {name} | {plain / 2**20:.1f} | {plain / b_plain:.2f}x | {rec / 2**20:.1f} | {rec / b_plain:.2f}x | "
               f"{ckpt / 2**20:.1f} | {ckpt / b_ckpt:.2f}x | {'yes' if ok[name] else 'NO'} |")
+
+    if args.backend == "none":
+        return
+    print(f"\nGHC recompute under torch.compile(backend={args.backend!r}), same model and batch (gradients compared "
+          "with eager, max abs difference)\n")
+    print("| model | eager: saved by recompute (MB) | compiled: no recompute (MB) | compiled: recompute (MB) | "
+          "compiled: saved by recompute (MB) | grads vs eager |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, m in cases.items():
+        if name == "baseline":
+            continue
+        want = eager_grads(m, ids)
+        plain, _ = compiled_saved_bytes(m, ids, args.backend, recompute=False)
+        rec, grads = compiled_saved_bytes(m, ids, args.backend, recompute=True)
+        diff = max((g - w).abs().max().item() for g, w in zip(grads, want))
+        print(f"| {name} | {rows[name][2] / 2**20:.2f} | {plain / 2**20:.1f} | {rec / 2**20:.1f} | "
+              f"{(plain - rec) / 2**20:.2f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

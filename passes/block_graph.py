@@ -8,7 +8,8 @@ Tracing (``trace_block``)
     the trace is therefore specialized to one call signature (:class:`CallSpec`): tensors and other objects
     (caches, ``(cos, sin)`` tuples) become placeholders, while ``None``, bools, numbers and strings are baked
     in. A widened block keeps one compiled graph per signature and traces a new one the first time a new
-    signature arrives (training vs eval, with or without a KV cache).
+    signature arrives (training vs eval, with or without a KV cache, under gradient checkpointing), also while
+    torch.compile traces the model: :class:`BlockRunner` then builds it as plain Python, without a graph break.
 
 Matching (``find_residual_updates``)
     Starting from the stream input ``s``, a residual update is an add tree whose leaves are ``s`` once plus
@@ -76,31 +77,40 @@ class CallSpec:
     @staticmethod
     def from_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple["CallSpec", list]:
         """Return the spec and the runtime values of its placeholders, in placeholder order."""
+        key, values = CallSpec.key_and_values(block, args, kwargs)
+        return CallSpec.from_key(key), values
+
+    @staticmethod
+    def key_and_values(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+        """The signature key of a call and its runtime values (what :meth:`from_call` computes, without building
+        the spec: this is the part of a call that Dynamo traces)."""
         values: list = []
         positional = []
-        for i, a in enumerate(args):
+        for a in args:
             if isinstance(a, _CONST_TYPES):
-                positional.append(("const", a))
+                positional.append(("const", type(a), a))
             else:
-                positional.append(("dyn", f"arg{i}"))
+                positional.append(("dyn",))
                 values.append(a)
         keywords = []
         for name, a in kwargs.items():
             if isinstance(a, _CONST_TYPES):
-                keywords.append((name, ("const", a)))
+                keywords.append((name, ("const", type(a), a)))
             else:
-                keywords.append((name, ("dyn", f"kw_{name}")))
+                keywords.append((name, ("dyn",)))
                 values.append(a)
+        return (block.training, tuple(positional), tuple(keywords)), values
 
-        def kind(entry):
-            return ("const", type(entry[1]), entry[1]) if entry[0] == "const" else ("dyn",)
+    @staticmethod
+    def from_key(key: tuple) -> "CallSpec":
+        """The spec a key stands for (a key determines its spec: placeholders are named by position/keyword)."""
+        _training, positional, keywords = key
 
-        key = (
-            block.training,
-            tuple(kind(p) for p in positional),
-            tuple((name, kind(e)) for name, e in keywords),
-        )
-        return CallSpec(key, tuple(positional), tuple(keywords)), values
+        def entry(kind, name):
+            return ("const", kind[2]) if kind[0] == "const" else ("dyn", name)
+
+        return CallSpec(key, tuple(entry(k, f"arg{i}") for i, k in enumerate(positional)),
+                        tuple((name, entry(k, f"kw_{name}")) for name, k in keywords))
 
     def placeholder_names(self) -> list[str]:
         names = [e[1] for e in self.positional if e[0] == "dyn"]
@@ -445,6 +455,10 @@ class BlockRunner:
     """Runs a widened block: picks (or builds, once per new call signature) the rewritten graph and calls it.
 
     Holds no reference to the block (it receives it as ``self``), so deepcopy of a model copies it cheaply.
+
+    Under torch.compile the signature lookup, and the build on a miss, run as plain Python while Dynamo traces
+    (:func:`_graph_name`), so a signature first met under compile (train mode, gradient checkpointing, an
+    attention mask that is a tensor under compile and None in eager, ...) costs no graph break.
     """
 
     def __init__(self, name: str, sublayers: list[tuple[str, ...]]):
@@ -452,6 +466,7 @@ class BlockRunner:
         self.sublayers = [tuple(s) for s in sublayers]
         self._compiled: dict[tuple, Callable] = {}
         self.sources: dict[tuple, str] = {}
+        self._names: dict[tuple, str] = {}  # key -> the attribute of this runner that holds its forward
 
     def build(self, block: nn.Module, spec: CallSpec, base_class: type) -> Callable:
         where = f"{self.name} ({base_class.__name__})"
@@ -468,19 +483,49 @@ class BlockRunner:
         self.sources[spec.key] = src
         return fn
 
-    def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
-        spec, values = CallSpec.from_call(block, args, kwargs)
-        fn = self._compiled.get(spec.key)
+    def graph_for(self, block: nn.Module, key: tuple) -> Callable:
+        """The rewritten forward for signature ``key``, built (traced and lowered) on first use."""
+        fn = self._compiled.get(key)
         if fn is None:
-            fn = self.build(block, spec, type(block).vwn_base_class)
-        return fn(block, *values)
+            fn = self.build(block, CallSpec.from_key(key), type(block).vwn_base_class)
+        return fn
+
+    def graph_name(self, block: nn.Module, key: tuple) -> str:
+        """The name of the attribute of this runner that holds ``graph_for(block, key)``."""
+        fn = self.graph_for(block, key)
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = f"graph_{len(self._names)}"
+        self.__dict__[name] = fn  # a plain function in the instance dict: not bound, called as fn(block, ...)
+        return name
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
+        key, values = CallSpec.key_and_values(block, args, kwargs)
+        return getattr(self, _graph_name(self, block, key))(block, *values)
 
     def __getstate__(self):
         # generated functions are rebuilt on first use after unpickling
-        return {"name": self.name, "sublayers": self.sublayers, "_compiled": {}, "sources": {}}
+        return {"name": self.name, "sublayers": self.sublayers, "_compiled": {}, "sources": {}, "_names": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update({"_names": {}, **state})
 
     def __deepcopy__(self, memo):
         clone = BlockRunner(self.name, self.sublayers)
         clone._compiled = dict(self._compiled)
         clone.sources = dict(self.sources)
         return clone
+
+
+@torch.compiler.assume_constant_result
+def _graph_name(runner: BlockRunner, block: nn.Module, key: tuple) -> str:
+    """``runner.graph_name(block, key)``, which Dynamo runs as plain Python when it meets it while tracing and
+    whose result (a string) it treats as a constant; the traced code then reads the runner attribute of that
+    name and inlines the generated forward.
+
+    The lookup, and on a miss the torch.fx trace and lowering of a new signature, depend only on Python objects
+    Dynamo holds as constants (the runner and the block, guarded by identity, and the key: constants and types);
+    none of it runs on tensors. Traced by Dynamo instead, a miss would be a graph break (Dynamo cannot trace
+    torch.fx's tracer), so every signature first met under torch.compile would break the graph.
+    """
+    return runner.graph_name(block, key)

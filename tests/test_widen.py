@@ -522,7 +522,7 @@ def test_property_widen_preserves_reference_gpt(case):
 
 
 class _CacheFussyGPT(GPT):
-    """Takes use_cache but refuses use_cache=False: the signature warm-up must not make widen() fail."""
+    """Takes use_cache but refuses use_cache=False: widen() must call the model only as it was probed."""
 
     def forward(self, idx, targets=None, use_cache=True):
         if not use_cache:
@@ -530,11 +530,11 @@ class _CacheFussyGPT(GPT):
         return super().forward(idx, targets)
 
 
-def test_signature_prebuild_failure_is_logged_not_fatal(caplog):
+def test_widen_calls_the_model_only_with_the_probe_inputs():
+    # block signatures are traced on first use, also under torch.compile (tests/test_compile_training.py), so
+    # widen() does not warm up other signatures such as use_cache=False
     model = _CacheFussyGPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
-    with caplog.at_level("INFO", logger="vwn_transform"):
-        wide = vwn_transform.widen(model, 2)
-    assert any("could not prebuild the use_cache=False block graphs" in r.message for r in caplog.records)
+    wide = vwn_transform.widen(model, 2)
     idx = torch.randint(0, 64, (1, 6))
     with torch.no_grad():
         assert (wide(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-5

@@ -61,7 +61,10 @@ class GHC(nn.Module):
     ``recompute=True`` (dynamic GHC only): the mixing coefficients and the read statistics are not kept for the
     backward; they are recomputed there from the state (which is kept anyway), once per GHC call. It saves
     ``N * n * (3m + 2n + 1)`` fp32 values per GHC call (``benchmarks/memory.py``) for one more read of the state
-    in the backward. Eager mode only (it uses saved-tensor hooks).
+    in the backward. Eager mode drops them with saved-tensor hooks (:class:`_Recomputed`); under torch.compile,
+    where those hooks do not reach inside the compiled graph, the read runs as a ``torch.utils.checkpoint``
+    region, which AOT autograd's partitioner recomputes in the backward (once per GHC call, as in eager; the
+    read's output ``x`` then is recomputed too rather than kept by the sublayer). Same gradients either way.
     """
 
     def __init__(self, sublayer: nn.Module | None, dim: int, n: int, m: int, dynamic: bool = True,
@@ -125,10 +128,19 @@ class GHC(nn.Module):
             self.scale_read, self.scale_carry, self.scale_write, self.eps,
         )
 
+    def _read_coefficients(self, h: torch.Tensor):
+        x, carry_c, write_c, _stats = self._read_dynamic(h)
+        return x, carry_c, write_c
+
     def contract(self, h: torch.Tensor):
         """``h [..., n*d] -> (x [..., m*d], carry_c, write_c)``: the backbone input and the mixing coefficients."""
         self._check_state(h)
         if self.dynamic:
+            if self.recompute and torch.is_grad_enabled() and torch.compiler.is_compiling():
+                # Dynamo turns the region into a tag_activation_checkpoint op; AOT autograd tags the read node
+                # "must recompute", so the partitioner saves none of its outputs and reruns it in the backward,
+                # once for both the write's backward (coefficients) and the read's (stats)
+                return torch.utils.checkpoint.checkpoint(self._read_coefficients, h, use_reentrant=False)
             if self.recompute and torch.is_grad_enabled():
                 recomputed = _Recomputed(self, h)
                 with recomputed.hooks(keep=(h,)):  # everything else the read op saves (its stats) is dropped
@@ -143,7 +155,7 @@ class GHC(nn.Module):
         """``H' = WriteT Z + Carry^T H``: ``[..., n*d]``, ``[..., m*d]`` -> ``[..., n*d]``."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"GHC sublayer output must have last dimension dim={self.dim}, got {tuple(z.shape)}")
-        recomputed = _Recomputed.of(carry_c) if self.recompute else None
+        recomputed = _Recomputed.of(carry_c) if self.recompute and not torch.compiler.is_compiling() else None
         if recomputed is not None and torch.is_grad_enabled():
             with recomputed.hooks(keep=(h, z)):  # the coefficients are dropped, recomputed in the backward
                 return torch.ops.vwn.ghc_write(h, z, carry_c, write_c)
@@ -177,7 +189,8 @@ class GHC(nn.Module):
 
 
 class _Recomputed:
-    """The read outputs of one dynamic GHC call that the backward gets by recomputation instead of storage.
+    """The read outputs of one dynamic GHC call that the backward gets by recomputation instead of storage
+    (eager mode; under torch.compile, see :class:`GHC`).
 
     Saved-tensor hooks replace the coefficient tensors (and the read op's stats) by a name when autograd saves
     them; the first unpack in the backward reruns the read op on the kept state, without grad, and serves every

@@ -445,34 +445,6 @@ def _pad_final_output(target: nn.Module, structure: ModelStructure, op: _Surgery
     op.swap(head, SliceInputMixin)
 
 
-def _prebuild_signatures(target: nn.Module, structure: ModelStructure) -> None:
-    """Trace the block graphs for ``use_cache=False`` too (what training and torch.compile users pass to HF
-    models): a block signature first seen while Dynamo traces would be traced by torch.fx inside the compiled
-    region, a graph break."""
-    import inspect
-
-    try:
-        params = inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        return
-    if "use_cache" in params:
-        restore = _restore_training_flags(target)
-        try:
-            target.eval()
-            with torch.no_grad():
-                target(*structure.example_inputs, use_cache=False)
-        except Exception as exc:  # a warm-up only: the signature is then traced on its first real call
-            log.info("widen: could not prebuild the use_cache=False block graphs of %s (%s: %s); they will be "
-                     "traced on first use", type(target).__name__, type(exc).__name__, exc)
-        finally:
-            restore()
-
-
-def _restore_training_flags(model: nn.Module):
-    flags = {mod: mod.training for mod in model.modules()}
-    return lambda: [setattr(mod, "training", flag) for mod, flag in flags.items()]
-
-
 def _check_output(target: nn.Module, structure: ModelStructure, cfg: VWNConfig) -> None:
     """Run the probe inputs through the widened model; with init='preserve' the output must be the original's."""
     got = primary_output(run_quietly(target, structure.example_inputs))
@@ -622,7 +594,6 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
                 raise UnsupportedModelError(
                     f"the widened {type(model).__name__} fails on the probe input: {type(exc).__name__}: {exc}"
                 ) from exc2
-        _prebuild_signatures(target, structure)
         if cfg.mtp:
             attach_mtp(target, structure, cfg, op)
         _hook_model(target, op)
