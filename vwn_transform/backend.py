@@ -10,9 +10,9 @@ What it does with the graph Dynamo captured (the whole model, blocks inlined):
    by widen()) becomes one ``vwn::ghc_write_read_dynamic``. AOT autograd then traces the fused op's registered
    backward, so the backward graph carries the fused backward op too. Semantics are preserved exactly.
 2. The graph goes to the inner compiler (``options={"inner": "inductor"}`` by default; ``"aot_eager"`` or
-   ``"eager"`` for debugging). The ``vwn::*`` ops stay opaque calls there and run their kernels: the fused
-   Triton kernels on CUDA (``VWN_IMPL=auto``), the reference on the CPU, Triton on the CPU under
-   ``TRITON_INTERPRET=1`` with ``VWN_IMPL=triton``.
+   ``"eager"`` for debugging). The ``vwn::*`` ops stay opaque calls there and run the implementation that
+   ``VWN_IMPL`` selects (see :mod:`vwn_transform.ops`: ``auto`` follows the measured table on CUDA and runs the
+   reference on the CPU; Triton on the CPU only under ``TRITON_INTERPRET=1`` with ``VWN_IMPL=triton``).
 
 Each node a pass creates records ``node.meta["vwn_pass"]``; ``VWN_DEBUG=1`` writes the graph before and after each
 pass to the ``vwn_transform`` logger.
