@@ -10,10 +10,16 @@ Model: Llama-style, ``LlamaConfig(hidden_size=256, intermediate_size=688, num_hi
 num_attention_heads=4, vocab_size=256)``; widened at r=1.5 (m, n) = (2, 3) and r=4 (2, 8), dynamic GHC,
 function-preserving init.
 
+``--compare-generic`` also exports the widened models with the generic GHC translations (the ones before the
+lean form, ``vwn_transform.onnx._generic_translation_table``) and times them in the same interleaved loop, so
+before/after ratios come from one run. ``--dtype float16`` exports half precision; ``--provider cuda`` runs
+onnxruntime-gpu's CUDAExecutionProvider (an error if it is unavailable or falls back to the CPU).
+
 Usage::
 
     .venv/bin/python benchmarks/onnx_latency.py            # 10 measured runs per shape
     .venv/bin/python benchmarks/onnx_latency.py --quick    # 3 measured runs, batch 8 x 512 skipped
+    .venv/bin/python benchmarks/onnx_latency.py --quick --runs 20 --compare-generic
 """
 
 from __future__ import annotations
@@ -43,14 +49,15 @@ def build_llama(hidden: int, layers: int, seed: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def session_for(path: Path, threads: int):
+def session_for(path: Path, threads: int, provider: str):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    assert sess.get_providers() == ["CPUExecutionProvider"], sess.get_providers()
+    sess = ort.InferenceSession(str(path), opts, providers=[provider])
+    if sess.get_providers()[0] != provider:
+        raise SystemExit(f"onnxruntime ran {sess.get_providers()}, not {provider}")
     return sess
 
 
@@ -68,26 +75,46 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compare-generic", action="store_true",
+                    help="also time the widened models exported with the generic GHC translations")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[args.provider]
     warnings.filterwarnings("ignore")
     logging.getLogger("torch").setLevel(logging.ERROR)
-    runs = 3 if args.quick else args.runs
+    runs = args.runs if (not args.quick or args.runs != 10) else 3
     shapes = [(1, 128)] if args.quick else [(1, 128), (8, 512)]
 
     base = build_llama(args.hidden, args.layers, args.seed)
-    cases = {"baseline": base, "r=1.5 (2,3)": vwn_transform.widen(base, 1.5),
-             "r=4 (2,8)": vwn_transform.widen(base, 4, m=2)}
+    import vwn_transform.onnx as vonnx
+
+    cases = {"baseline": (base, False), "r=1.5 (2,3)": (vwn_transform.widen(base, 1.5), False),
+             "r=4 (2,8)": (vwn_transform.widen(base, 4, m=2), False)}
+    if args.compare_generic:
+        cases["r=1.5 (2,3) generic"] = (cases["r=1.5 (2,3)"][0], True)
+        cases["r=4 (2,8) generic"] = (cases["r=4 (2,8)"][0], True)
     tmp = Path(tempfile.mkdtemp(prefix="vwn_onnx_latency_"))
     sessions, sizes = {}, {}
-    for name, model in cases.items():
-        path = tmp / f"{name.split()[0].replace('=', '')}.onnx"
-        report = vwn_transform.export_onnx(model, path)
+    lean_table = vonnx.translation_table
+    for i, (name, (model, generic)) in enumerate(cases.items()):
+        path = tmp / f"model{i}.onnx"
+        vonnx.translation_table = vonnx._generic_translation_table if generic else lean_table
+        try:
+            report = vonnx.export_onnx(model, path, dtype=getattr(torch, args.dtype), providers=[provider])
+        finally:
+            vonnx.translation_table = lean_table
         sizes[name] = report.file_size_bytes / 1e6
-        sessions[name] = session_for(path, args.threads)
-        print(f"exported {name}: {sizes[name]:.1f} MB, verify max abs diff {report.max_abs_diff:.1e}", flush=True)
+        sessions[name] = session_for(path, args.threads, provider)
+        import onnx
 
-    print(f"\nonnxruntime CPU latency, Llama D={args.hidden} x {args.layers} layers, {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}, median of {runs} interleaved runs\n")
+        nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+        print(f"exported {name}: {sizes[name]:.1f} MB, {nodes} nodes, verify max abs diff "
+              f"{report.max_abs_diff:.1e}", flush=True)
+
+    print(f"\nonnxruntime {provider} latency, {args.dtype}, Llama D={args.hidden} x {args.layers} layers, "
+          f"{args.threads} threads, {platform.processor() or platform.machine()}, median of {runs} interleaved "
+          "runs\n")
     print("| shape | model | ms (median) | ratio vs baseline |")
     print("|---|---|---|---|")
     rng = np.random.default_rng(args.seed)

@@ -20,7 +20,7 @@ __all__ = ["CheckpointError", "GHC", "UnsupportedModelError", "VWNConfig", "Wide
 
 
 def export_onnx(model, path, *, example_inputs=None, dynamic=True, opset=20, verify=True, providers=None,
-                atol=1e-4):
+                atol=1e-4, dtype="float32", kv_cache=False):
     """Export a (widened) model to ONNX and verify it in onnxruntime; see :func:`vwn_transform.onnx.export_onnx`.
 
     Needs the ONNX extra: ``pip install 'vwn_transform[onnx]'`` (imported only when called).
@@ -32,4 +32,4 @@ def export_onnx(model, path, *, example_inputs=None, dynamic=True, opset=20, ver
             f"export_onnx needs the ONNX extra: pip install 'vwn_transform[onnx]' (missing: {exc})"
         ) from exc
     return _export(model, path, example_inputs=example_inputs, dynamic=dynamic, opset=opset, verify=verify,
-                   providers=providers, atol=atol)
+                   providers=providers, atol=atol, dtype=dtype, kv_cache=kv_cache)

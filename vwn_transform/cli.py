@@ -35,7 +35,8 @@ EXAMPLES = {
     "export": "examples:\n  vwn export --hf llama --tiny --ratio 1.5 --out llama_vwn.onnx\n"
               "  vwn export --gpt --ratio 4 --m 2 --out gpt_vwn.onnx\n"
               "  vwn export path/to/hf_checkpoint --plain --out original.onnx\n"
-              "  vwn export widened_qwen2 --out qwen2_vwn.onnx    # a folder written by vwn widen",
+              "  vwn export widened_qwen2 --out qwen2_vwn.onnx    # a folder written by vwn widen\n"
+              "  vwn export widened_qwen2 --kv-cache --dtype float16 --out qwen2_kv.onnx",
 }
 
 
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=20, help="ONNX opset version (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--fixed-shapes", action="store_true", help="no dynamic batch/sequence axes")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="precision of the exported weights and activations (GHC mixing stays float32; default "
+                        "float32)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="Hugging Face models: a decoder with past_key_values inputs and present outputs, verified "
+                        "by greedy decoding against generate()")
     return parser
 
 
@@ -374,8 +381,10 @@ def cmd_export(args) -> int:
 
         cfg = model.config
         example = (torch.randint(0, cfg.vocab_size, (2, min(8, cfg.block_size))),)
+    if args.kv_cache and loaded.kind != "hf":
+        raise CLIError("--kv-cache exports Hugging Face causal LMs; the reference GPT has no KV cache")
     report = export_onnx(model, args.out, example_inputs=example, dynamic=not args.fixed_shapes,
-                         opset=args.opset, verify=not args.no_verify)
+                         opset=args.opset, verify=not args.no_verify, dtype=args.dtype, kv_cache=args.kv_cache)
     print(report)
     return 0
 
