@@ -282,3 +282,11 @@ def test_plain_checkpoint_folder_widens_and_reloads(tmp_path, capsys):
     ids = torch.randint(0, original.config.vocab_size, (2, 6))
     with torch.no_grad():
         assert (back(ids).logits - original(ids).logits).abs().max() <= 1e-5
+
+
+def test_export_kv_cache_needs_a_hugging_face_model(tmp_path, capsys):
+    status, _, err = cli(capsys, "export", "--gpt", "--ratio", 2, "--kv-cache", "--out", tmp_path / "k.onnx")
+    assert status == 1 and "--kv-cache exports Hugging Face causal LMs" in one_line_error(err)
+    status, _, err = cli(capsys, "export", "--gpt", "--ratio", 2, "--dtype", "float64", "--out", tmp_path / "k.onnx")
+    assert status == 2 and "float64" in err
+    assert not any(tmp_path.iterdir())
