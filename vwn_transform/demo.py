@@ -87,10 +87,10 @@ class DemoSettings:
         return self.batch_size * self.block_size
 
 
-#: Threads for the demo models on the CPU when the user sets none (``--threads``, ``OMP_NUM_THREADS``): these
-#: models are small enough that one thread is as fast as two on the 2-core machine and does not collapse when
-#: another process is busy (benchmarks/demo_threads.py, benchmarks/NOTES.md); it also makes runs reproducible
-#: bit for bit, since reductions no longer depend on how work is split across threads.
+#: Threads for the demo models on the CPU when the user sets none (``--threads``, ``OMP_NUM_THREADS``). Measured
+#: on the 2-core machine (benchmarks/demo_threads.py, benchmarks/NOTES.md): two threads are 6-21% faster when the
+#: machine is idle and 3.5x slower when one other process is busy; one thread is the robust choice and makes runs
+#: reproducible bit for bit (reductions no longer depend on how work is split across threads).
 DEFAULT_CPU_THREADS = 1
 
 
