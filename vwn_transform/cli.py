@@ -22,7 +22,7 @@ from typing import Any
 log = logging.getLogger("vwn_transform")
 
 EXAMPLES = {
-    "demo": "examples:\n  vwn demo                      # ~5 min on 2 CPU cores: GPT vs its r=4 (m=2) twin\n"
+    "demo": "examples:\n  vwn demo                      # ~6 min on 2 CPU cores (1 thread): GPT vs its r=4 (m=2) twin\n"
             "  vwn demo --quick              # under a minute\n"
             "  vwn demo --ratio 3/2 --steps 300 --out runs/r1.5 --mtp",
     "study": "examples:\n  vwn study                     # r = 1, 1.5, 2, 4, 8\n"

@@ -45,7 +45,7 @@ __all__ = ["DemoSettings", "load_corpus", "token_efficiency", "fit_log_linear", 
 # ------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class DemoSettings:
-    """Model size, token budget and optimizer of one demo/study run (defaults: ~5 min for the demo's two twins
+    """Model size, token budget and optimizer of one demo/study run (defaults: ~6 min at 1 thread for the demo's two twins
     on 2 CPU cores)."""
 
     n_layer: int = 4
