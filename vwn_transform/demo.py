@@ -45,8 +45,8 @@ __all__ = ["DemoSettings", "load_corpus", "token_efficiency", "fit_log_linear", 
 # ------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class DemoSettings:
-    """Model size, token budget and optimizer of one demo/study run (defaults: ~6 min at 1 thread for the demo's two twins
-    on 2 CPU cores)."""
+    """Model size, token budget and optimizer of one demo/study run (defaults: ~6 min for the demo's two twins at
+    1 thread on 2 CPU cores)."""
 
     n_layer: int = 4
     n_embd: int = 128
