@@ -176,6 +176,11 @@ class LoadedModel:
     def widened(self) -> bool:
         return getattr(self.model, "vwn_config", None) is not None
 
+    def widening(self) -> str:
+        """How a widened model was widened, for messages: ``r = 3/2, m=2, n=3, dynamic GHC``."""
+        cfg = self.model.vwn_config
+        return f"r = {Fraction(cfg.n, cfg.m)}, m={cfg.m}, n={cfg.n}, {'dynamic' if cfg.dynamic else 'static'} GHC"
+
     def load_hint(self) -> str:
         """The Python call that loads this (widened) model back."""
         if self.kind == "gpt" and self.folder is not None:
@@ -288,10 +293,9 @@ def _load_folder(folder: Path, source: str) -> LoadedModel:
 def _refuse_widened(loaded: LoadedModel, command: str) -> None:
     if not loaded.widened:
         return
-    cfg = loaded.model.vwn_config
     raise CLIError(
-        f"{loaded.source} is already widened by vwn_transform (r = {Fraction(cfg.n, cfg.m)}, m={cfg.m}, n={cfg.n}, "
-        f"{'dynamic' if cfg.dynamic else 'static'} GHC); {command} works on original models. Export it as it is "
+        f"{loaded.source} is already widened by vwn_transform ({loaded.widening()}); {command} works on original "
+        f"models. Export it as it is "
         f"with 'vwn export {loaded.source} --out model.onnx', or load it in Python with {loaded.load_hint()}")
 
 
@@ -327,20 +331,16 @@ def cmd_widen(args) -> int:
     wide = widen(model, args.ratio, **_widen_kwargs(args), inplace=True)
     # written into a temporary sibling folder and moved into place: a failure leaves no half-written --out
     out.parent.mkdir(parents=True, exist_ok=True)
+    from .persist import apply_umask, save
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
         if loaded.kind == "hf":
             wide.save_pretrained(str(tmp))  # config.json records the recipe
         else:
-            from .persist import save
-
             save(wide, tmp / "model.pt")
             (tmp / "gpt_config.json").write_text(json.dumps(dataclasses.asdict(wide.config), indent=2))
-        for written in tmp.rglob("*"):  # safetensors writes its files with mode 0600; respect the umask
-            os.chmod(written, (0o777 if written.is_dir() else 0o666) & ~umask)
+        apply_umask(tmp)  # mkdtemp made the folder 0700 and safetensors writes 0600 files
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -365,9 +365,8 @@ def cmd_export(args) -> int:
     model = loaded.model
     if loaded.widened:
         if args.ratio is not None:
-            cfg = model.vwn_config
-            raise CLIError(f"{loaded.source} is already widened (r = {Fraction(cfg.n, cfg.m)}, m={cfg.m}, n={cfg.n}); "
-                           "drop --ratio to export it as it is")
+            raise CLIError(f"{loaded.source} is already widened ({loaded.widening()}); drop --ratio to export it as "
+                           "it is")
         log.info("%s is widened: exporting it as it is", loaded.source)
     elif not args.plain and args.ratio is None:
         raise CLIError("give --ratio to widen before exporting, or --plain to export the model as it is")

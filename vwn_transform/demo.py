@@ -375,12 +375,15 @@ def _pyplot():
     return plt
 
 
-def _finish(plt, fig, ax, xlabel: str, title: str, path: Path) -> None:
+def _style(ax, xlabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -401,14 +404,8 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
             ax.plot(tokens[first:], losses[first:], marker="o", markersize=3, label=f"{name} (next token)")
         for name, losses in history.get("val_mtp", {}).items():
             ax.plot(tokens[first:], losses[first:], linestyle="--", label=f"{name} (next-2 token)")
-        ax.set_xlabel("training tokens (M)")
-        ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_title(panel_title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        _style(ax, "training tokens (M)", panel_title)
+    _save(plt, fig, path)
 
 
 def plot_study(finals: dict[str, float], fit: dict | None, path: Path, title: str) -> None:
@@ -423,7 +420,8 @@ def plot_study(finals: dict[str, float], fit: dict | None, path: Path, title: st
         lo, hi = min(xs), max(xs)
         ax.plot([lo, hi], [fit["a"] - fit["b"] * lo, fit["a"] - fit["b"] * hi], "--",
                 label=f"fit on r>=2: {fit['a']:.4f} - {fit['b']:.4f} log2 r (R^2={fit['r2']:.3f})")
-    _finish(plt, fig, ax, "log2(expansion ratio r)", title, path)
+    _style(ax, "log2(expansion ratio r)", title)
+    _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ def _is_vwn_name(name: str) -> bool:
     return any(part.startswith(_VWN_PREFIX) for part in name.split("."))
 
 
-def _is_peft(model: nn.Module) -> bool:
-    return any(type(mod).__module__.split(".")[0] == "peft" for mod in model.modules())
+def peft_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first ``(name, module)`` of ``model`` defined by peft (a PeftModel, an injected LoRA layer), or None."""
+    return next(((name, mod) for name, mod in model.named_modules()
+                 if type(mod).__module__.split(".")[0] == "peft"), None)
 
 
 def peft_modules_to_save(model: nn.Module) -> list[str]:
@@ -76,7 +78,7 @@ def peft_modules_to_save(model: nn.Module) -> list[str]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"peft_modules_to_save expects a torch.nn.Module, got {type(model).__name__}")
-    if _is_peft(model):
+    if peft_module(model) is not None:
         raise ValueError(
             f"{type(model).__name__} already carries PEFT modules; call peft_modules_to_save(widened_model) before "
             "get_peft_model(widened_model, LoraConfig(..., modules_to_save=names))"

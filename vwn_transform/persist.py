@@ -27,7 +27,7 @@ from .config import VWNConfig
 
 log = logging.getLogger("vwn_transform")
 
-__all__ = ["CheckpointError", "check_safetensors", "from_pretrained", "load", "load_plain_pretrained", "save",
+__all__ = ["CheckpointError", "apply_umask", "check_safetensors", "from_pretrained", "load", "load_plain_pretrained", "save",
            "writable_temp_file"]
 
 _FORMAT = "vwn_transform.checkpoint"
@@ -96,10 +96,17 @@ def writable_temp_file(target: Path) -> Path:
         raise PermissionError(f"cannot write {str(target)!r}: {exc.strerror or exc} in the folder "
                               f"{str(target.parent)!r}") from None
     os.close(fd)
+    apply_umask(Path(name))
+    return Path(name)
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the mode a plain ``open``/``mkdir`` would have given:
+    0666/0777 less the umask (``mkstemp``/``mkdtemp`` and safetensors create 0600/0700)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return Path(name)
+    for p in (path, *path.rglob("*")) if path.is_dir() else (path,):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:

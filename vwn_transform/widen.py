@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vwn_transform.config import MAX_SLOTS, UnsupportedModelError, VWNConfig, choose_slots, parse_ratio
+from vwn_transform.lora import peft_module
 from vwn_transform.mtp import _label_convention, attach_mtp
 from vwn_transform.modules import (
     GHC,
@@ -182,8 +183,7 @@ def _check_not_widened(model: nn.Module) -> None:
 def _check_not_peft(model: nn.Module) -> None:
     """Refuse a model carrying PEFT modules (a PeftModel, or LoRA layers injected into the model): its widened form
     would record the wrapper as the model class, and neither the adapter nor the merged model would reload."""
-    found = next(((name, mod) for name, mod in model.named_modules()
-                  if type(mod).__module__.split(".")[0] == "peft"), None)
+    found = peft_module(model)
     if found is not None:
         name, mod = found
         raise UnsupportedModelError(
@@ -476,7 +476,9 @@ def _hook_model(target: nn.Module, op: _Surgery) -> None:
         return
     try:
         emb = target.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
+    except (AttributeError, NotImplementedError) as exc:
+        log.info("%s has no get_input_embeddings() (%s): resize_token_embeddings will not resize the wide table",
+                 type(target).__name__, exc)
         return
     if isinstance(emb, WideEmbedding):
         old = swap_model_class(target)
