@@ -42,8 +42,8 @@ WIDTHS = [2048, 4096]
 DTYPES = ["bf16", "fp32"]
 TOKENS = 16384
 SMEM_LIMIT = 100 * 1024
-# --quick (CI): the shipped FMA write kernels at two shapes, bf16 (each compiles in seconds)
-QUICK = dict(slots=[(2, 3), (4, 4)], widths=[2048], dtypes=["bf16"], only=["write_fwd[fma", "write_bwd[fma"])
+# --quick (CI): the shipped FMA kernels (write, reads) at two shapes, bf16 (each compiles in seconds)
+QUICK = dict(slots=[(2, 3), (4, 4)], widths=[2048], dtypes=["bf16"], only=["[fma"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def _legacy_specs(m: int, n: int, d: int, dtype: str) -> list[dict]:
 def kernel_specs(m: int, n: int, d: int, dtype: str, which: str = "dispatched") -> list[dict]:
     """The kernels ``VWN_IMPL=triton`` launches at (m, n, d, dtype) (``which="dispatched"``), or the padded tl.dot
     kernels everywhere (``"legacy"``)."""
-    from vwn_transform.kernels import triton_write_fma
+    from vwn_transform.kernels import triton_read_fma, triton_write_fma
 
     legacy = _legacy_specs(m, n, d, dtype)
     if which == "legacy":
@@ -107,6 +107,13 @@ def kernel_specs(m: int, n: int, d: int, dtype: str, which: str = "dispatched") 
     if triton_write_fma.supports(n, m):
         specs += triton_write_fma.static_gate_specs(n, m, d, dtype)
         legacy = [s for s in legacy if not s["kernel"].startswith(("write_fwd", "write_bwd"))]
+    if triton_read_fma.supports(n, m):
+        specs += triton_read_fma.static_gate_specs(n, m, d, dtype)
+        replaced = ("read_static",)
+        if triton_read_fma.supports_dynamic(n, m):
+            # the fused write+read there is the FMA write then the FMA dynamic read: no kernel of its own
+            replaced += ("read_dynamic", "write_read_")
+        legacy = [s for s in legacy if not s["kernel"].startswith(replaced)]
     return specs + legacy
 
 
@@ -218,7 +225,7 @@ def _slots(text: str) -> list[tuple[int, int]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the CI subset: the FMA write kernels at (2,3), (4,4), "
+    ap.add_argument("--quick", action="store_true", help="the CI subset: the FMA kernels at (2,3), (4,4), "
                                                          "D=2048, bf16")
     ap.add_argument("--kernels", choices=("dispatched", "legacy"), default="dispatched")
     ap.add_argument("--only", action="append", default=None, help="kernel name prefix/substring (repeatable)")

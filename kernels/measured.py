@@ -27,8 +27,9 @@ MEASURED_ON = "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 2026-11-28"
 
 # The Triton kernel each op dispatches to under VWN_IMPL=triton; a measurement only counts for the kernel it
 # measured. "padded-dot-v1": the first kernels (3-D tiles padded to 16 slots, tl.dot in fp32); "fma-v1": unrolled
-# FMAs on per-slot tiles (kernels/triton_write_fma.py), for n <= FMA_MAX_N. The fused write+read's backward
-# uses the FMA write backward there too, so it changed as well.
+# FMAs on per-slot tiles (kernels/triton_write_fma.py, kernels/triton_read_fma.py), for m <= n <= FMA_MAX_N (the
+# dynamic read and the fused write+read only where triton_read_fma.supports_dynamic; elsewhere the fused
+# write+read's backward still runs the FMA write backward: "padded-dot-v1+fma-v1").
 KERNEL_IDS = {
     "read_dynamic": "padded-dot-v1",
     "read_static": "padded-dot-v1",
@@ -40,11 +41,14 @@ FMA_KERNEL_IDS = {"write": "fma-v1", "write_read_dynamic": "padded-dot-v1+fma-v1
 
 def kernel_id(op: str, m: int, n: int) -> str:
     """Which Triton kernel ``VWN_IMPL=triton`` runs for ``op`` at (m, n)."""
-    from .triton_common import FMA_MAX_N
+    from .triton_common import DYNAMIC_MAX_GATES, FMA_MAX_N
 
-    if 1 <= m <= n <= FMA_MAX_N and op in FMA_KERNEL_IDS:
-        return FMA_KERNEL_IDS[op]
-    return KERNEL_IDS[op]
+    if not 1 <= m <= n <= FMA_MAX_N:
+        return KERNEL_IDS[op]
+    dynamic_fits = n * (2 * m + n) <= DYNAMIC_MAX_GATES
+    if op == "read_static" or (op in ("read_dynamic", "write_read_dynamic") and dynamic_fits):
+        return "fma-v1"
+    return FMA_KERNEL_IDS.get(op, KERNEL_IDS[op])
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_M, MAX_N = 16, 64
 FMA_MAX_N = 8  # slot counts up to this run the FMA kernels (triton_*_fma.py), larger ones the padded tl.dot ones
+# the FMA dynamic read holds n * (2m + n) per-token gate values in registers: above this it spills on sm_90
+# (benchmarks/kernel_static_check.py: (2, 8) = 96 compiles clean, (8, 8) = 192 spills KBs)
+DYNAMIC_MAX_GATES = 96
 
 
 def interpreting() -> bool:
@@ -84,3 +87,15 @@ def state_view(h: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, int, int]
     d = h.shape[-1]
     h = contiguous3(h, n, d, "h")
     return h, h.shape[0], d
+
+
+def interpreter_bt(bt: int) -> int:
+    """Tokens per program of the FMA kernels: ``bt`` natively, 128 under the interpreter, whose cost is per
+    program and per unrolled op, hardly per element (same code paths: token masking, the loop over d; only the
+    block height differs)."""
+    return 128 if interpreting() else bt
+
+
+def launch_kwargs(cfg: dict) -> dict:
+    """A launch configuration as kernel keyword arguments (the interpreter ignores num_warps/num_stages)."""
+    return cfg if not interpreting() else {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}

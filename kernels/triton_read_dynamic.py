@@ -21,13 +21,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import blocks, contiguous3, pow2, state_view
-from .triton_helpers import to_output
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no libdevice dependency (the interpreter has none)
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+from .triton_helpers import tanh, to_output
 
 
 @triton.jit
@@ -39,14 +33,14 @@ def _load_cols(ptr, rows, row_stride, col0, ncols, COLS: tl.constexpr, row_mask)
 
 
 @triton.jit
-def _wg_chunk(wg_ptr, dd, d, K, col0, ncols, COLS: tl.constexpr):
+def wg_chunk(wg_ptr, dd, d, K, col0, ncols, COLS: tl.constexpr):
     # [BD, COLS] chunk of wg [d, K]: rows dd, columns col0 .. col0+ncols-1
     c = tl.arange(0, COLS)[None, :]
     return tl.load(wg_ptr + dd[:, None] * K + col0 + c, mask=(dd[:, None] < d) & (c < ncols), other=0.0)
 
 
 @triton.jit
-def _gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry_ptr, write_ptr, stats_ptr,
+def gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry_ptr, write_ptr, stats_ptr,
                      n, m, d, eps, inv_sqrt_d, NP: tl.constexpr, MP: tl.constexpr):
     """From the per-row sum of squares and gate projections ``U`` of rows (token, slot): ``1/rms``, the logits
     and ``coef = static + scale * tanh(logits)``; stores carry/write coefficients and ``[logits | 1/rms]``,
@@ -55,10 +49,10 @@ def _gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr
     inv_rms = 1.0 / tl.sqrt(ss / d + eps)  # [R]
     f = (inv_rms * inv_sqrt_d)[:, None]
     l_r, l_c, l_w = u_r * f, u_c * f, u_w * f  # logits
-    c_r = _load_cols(static_ptr, slot, K, 0, m, MP, row_ok) + _load_cols(scale_ptr, slot, K, 0, m, MP, row_ok) * _tanh(l_r)
-    c_c = _load_cols(static_ptr, slot, K, m, n, NP, row_ok) + _load_cols(scale_ptr, slot, K, m, n, NP, row_ok) * _tanh(l_c)
+    c_r = _load_cols(static_ptr, slot, K, 0, m, MP, row_ok) + _load_cols(scale_ptr, slot, K, 0, m, MP, row_ok) * tanh(l_r)
+    c_c = _load_cols(static_ptr, slot, K, m, n, NP, row_ok) + _load_cols(scale_ptr, slot, K, m, n, NP, row_ok) * tanh(l_c)
     c_w = _load_cols(static_ptr, slot, K, m + n, m, MP, row_ok) + \
-        _load_cols(scale_ptr, slot, K, m + n, m, MP, row_ok) * _tanh(l_w)
+        _load_cols(scale_ptr, slot, K, m + n, m, MP, row_ok) * tanh(l_w)
     cm = tl.arange(0, MP)[None, :]
     cn = tl.arange(0, NP)[None, :]
     srow = (tok.to(tl.int64) * n + slot)[:, None]  # [R, 1] row index into [N*n, .]
@@ -95,11 +89,11 @@ def _read_dynamic_fwd(h_ptr, wg_ptr, static_ptr, scale_ptr, x_ptr, carry_ptr, wr
         hc = tl.load(h_ptr + row_base[:, None] + dd[None, :], mask=row_ok[:, None] & (dd[None, :] < d),
                      other=0.0).to(tl.float32)  # [R, BD]
         ss += tl.sum(hc * hc, axis=1)
-        u_r += tl.dot(hc, _wg_chunk(wg_ptr, dd, d, K, 0, m, MP), input_precision="ieee")
-        u_c += tl.dot(hc, _wg_chunk(wg_ptr, dd, d, K, m, n, NP), input_precision="ieee")
-        u_w += tl.dot(hc, _wg_chunk(wg_ptr, dd, d, K, m + n, m, MP), input_precision="ieee")
+        u_r += tl.dot(hc, wg_chunk(wg_ptr, dd, d, K, 0, m, MP), input_precision="ieee")
+        u_c += tl.dot(hc, wg_chunk(wg_ptr, dd, d, K, m, n, NP), input_precision="ieee")
+        u_w += tl.dot(hc, wg_chunk(wg_ptr, dd, d, K, m + n, m, MP), input_precision="ieee")
 
-    c_r = _gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry_ptr, write_ptr,
+    c_r = gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry_ptr, write_ptr,
                            stats_ptr, n, m, d, eps, inv_sqrt_d, NP, MP)
 
     # pass 2: X[t] = Read[t]^T H[t], batched over the BT tokens
@@ -157,7 +151,7 @@ def _read_dynamic_bwd(h_ptr, gx_ptr, gcarry_ptr, gwrite_ptr, stats_ptr, wg_ptr, 
     tl.store(gcoef_ptr + srow[:, None] * K + m + cn, g_c, mask=ok & (cn < n))
     tl.store(gcoef_ptr + srow[:, None] * K + m + n + cm, g_w, mask=ok & (cm < m))
 
-    th_r, th_c, th_w = _tanh(l_r), _tanh(l_c), _tanh(l_w)
+    th_r, th_c, th_w = tanh(l_r), tanh(l_c), tanh(l_w)
     gl_r = g_r * _load_cols(scale_ptr, slot, K, 0, m, MP, row_ok) * (1.0 - th_r * th_r)  # through tanh
     gl_c = g_c * _load_cols(scale_ptr, slot, K, m, n, NP, row_ok) * (1.0 - th_c * th_c)
     gl_w = g_w * _load_cols(scale_ptr, slot, K, m + n, m, MP, row_ok) * (1.0 - th_w * th_w)
@@ -177,9 +171,9 @@ def _read_dynamic_bwd(h_ptr, gx_ptr, gcarry_ptr, gwrite_ptr, stats_ptr, wg_ptr, 
         gx3 = tl.load(gx_ptr + t3.to(tl.int64) * m * d + i3 * d + dd3, mask=(t3 < N) & (i3 < m) & (dd3 < d),
                       other=0.0).to(tl.float32)  # [BT, MP, BD]
         gh = tl.reshape(tl.dot(read3, gx3, input_precision="ieee"), (R, BD))
-        gh += tl.dot(gu_r, tl.trans(_wg_chunk(wg_ptr, dd, d, K, 0, m, MP)), input_precision="ieee")
-        gh += tl.dot(gu_c, tl.trans(_wg_chunk(wg_ptr, dd, d, K, m, n, NP)), input_precision="ieee")
-        gh += tl.dot(gu_w, tl.trans(_wg_chunk(wg_ptr, dd, d, K, m + n, m, MP)), input_precision="ieee")
+        gh += tl.dot(gu_r, tl.trans(wg_chunk(wg_ptr, dd, d, K, 0, m, MP)), input_precision="ieee")
+        gh += tl.dot(gu_c, tl.trans(wg_chunk(wg_ptr, dd, d, K, m, n, NP)), input_precision="ieee")
+        gh += tl.dot(gu_w, tl.trans(wg_chunk(wg_ptr, dd, d, K, m + n, m, MP)), input_precision="ieee")
         hmask = row_ok[:, None] & (dd[None, :] < d)
         hc = tl.load(h_ptr + row_base[:, None] + dd[None, :], mask=hmask, other=0.0).to(tl.float32)
         gh += alpha[:, None] * hc

@@ -19,7 +19,7 @@ from .triton_helpers import to_output
 
 
 @triton.jit
-def _coef3(ptr, t3, N, rows, cols, STATIC: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr):
+def coef3(ptr, t3, N, rows, cols, STATIC: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr):
     # [BT, RP, CP] fp32 coefficients: per token ([N, rows, cols]) or one static [rows, cols] for every token
     a = tl.arange(0, RP)[None, :, None]
     b = tl.arange(0, CP)[None, None, :]
@@ -37,8 +37,8 @@ def _write_fwd(h_ptr, z_ptr, carry_ptr, write_ptr, out_ptr, N, n, m, d,
     t3 = t0 + tl.arange(0, BT)[:, None, None]
     j3 = tl.arange(0, NP)[None, :, None]
     i3 = tl.arange(0, MP)[None, :, None]
-    carry_t = tl.permute(_coef3(carry_ptr, t3, N, n, n, STATIC, BT, NP, NP), (0, 2, 1))  # [BT, NP(k), NP(j)]
-    wc = _coef3(write_ptr, t3, N, n, m, STATIC, BT, NP, MP)  # [BT, NP(k), MP(i)]
+    carry_t = tl.permute(coef3(carry_ptr, t3, N, n, n, STATIC, BT, NP, NP), (0, 2, 1))  # [BT, NP(k), NP(j)]
+    wc = coef3(write_ptr, t3, N, n, m, STATIC, BT, NP, MP)  # [BT, NP(k), MP(i)]
     for d0 in range(0, d, BD):
         dd3 = d0 + tl.arange(0, BD)[None, None, :]
         hmask = (t3 < N) & (j3 < n) & (dd3 < d)
@@ -57,8 +57,8 @@ def _write_bwd(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gcarry
     t3 = t0 + tl.arange(0, BT)[:, None, None]
     j3 = tl.arange(0, NP)[None, :, None]
     i3 = tl.arange(0, MP)[None, :, None]
-    cc = _coef3(carry_ptr, t3, N, n, n, STATIC, BT, NP, NP)  # [BT, NP(j), NP(k)]
-    wc_t = tl.permute(_coef3(write_ptr, t3, N, n, m, STATIC, BT, NP, MP), (0, 2, 1))  # [BT, MP(i), NP(k)]
+    cc = coef3(carry_ptr, t3, N, n, n, STATIC, BT, NP, NP)  # [BT, NP(j), NP(k)]
+    wc_t = tl.permute(coef3(write_ptr, t3, N, n, m, STATIC, BT, NP, MP), (0, 2, 1))  # [BT, MP(i), NP(k)]
     g_cc = tl.zeros([BT, NP, NP], dtype=tl.float32)
     g_wc = tl.zeros([BT, NP, MP], dtype=tl.float32)
     for d0 in range(0, d, BD):
@@ -89,7 +89,7 @@ def _write_bwd(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gcarry
         tl.store(gwrite_ptr + t3.to(tl.int64) * n * m + a3 * m + bm3, g_wc, mask=(t3 < N) & (a3 < n) & (bm3 < m))
 
 
-def _coefficients(carry_c, write_c, N, n, m):
+def coefficients(carry_c, write_c, N, n, m):
     static = write_c.dim() == 2
     if static:
         return True, carry_c.float().contiguous(), write_c.float().contiguous()
@@ -102,7 +102,7 @@ def write(h, z, carry_c, write_c):
     n, m = write_c.shape[-2:]
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
-    static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
+    static, cc, wc = coefficients(carry_c, write_c, N, n, m)
     out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N:
         bt, bd = blocks(n, d)
@@ -117,7 +117,7 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     g = contiguous3(grad_out, n, d, "grad_out")
-    static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
+    static, cc, wc = coefficients(carry_c, write_c, N, n, m)
     bt, bd = blocks(n, d)
     programs = triton.cdiv(N, bt)
     g_h, g_z = torch.empty_like(h), torch.empty_like(z)

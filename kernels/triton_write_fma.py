@@ -24,21 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import FMA_MAX_N, contiguous3, interpreting, state_view
-from .triton_helpers import to_output
+from .triton_common import FMA_MAX_N, contiguous3, interpreter_bt, launch_kwargs, state_view
+from .triton_helpers import coefficient, to_output
 
 KERNEL_ID = "fma-v1"
-
-
-@triton.jit
-def _coef(ptr, t64, tmask, idx: tl.constexpr, size: tl.constexpr, STATIC: tl.constexpr):
-    # coefficient number idx of a row-major [rows, cols] map (size = rows * cols): a scalar (static) or a
-    # [BT, 1] column of per-token values (dynamic, [N, rows, cols])
-    if STATIC:  # one scalar, splat to [BT, 1] (both branches must have one type)
-        c = tl.zeros_like(t64).to(tl.float32) + tl.load(ptr + idx)
-    else:
-        c = tl.load(ptr + t64 * size + idx, mask=tmask, other=0.0)
-    return c[:, None]
 
 
 @triton.jit
@@ -58,13 +47,13 @@ def _write_fma_fwd(h_ptr, z_ptr, carry_ptr, write_ptr, out_ptr, N, d,
         hj = tl.load(h_ptr + h_rows + j * d, mask=mask, other=0.0).to(tl.float32)
         new = ()
         for k in tl.static_range(NS):
-            new = new + (accs[k] + _coef(carry_ptr, t64, tmask, j * NS + k, NS * NS, STATIC) * hj,)
+            new = new + (accs[k] + coefficient(carry_ptr, t64, tmask, j * NS + k, NS * NS, STATIC) * hj,)
         accs = new
     for i in tl.static_range(MS):  # WriteT Z
         zi = tl.load(z_ptr + z_rows + i * d, mask=mask, other=0.0).to(tl.float32)
         new = ()
         for k in tl.static_range(NS):
-            new = new + (accs[k] + _coef(write_ptr, t64, tmask, k * MS + i, NS * MS, STATIC) * zi,)
+            new = new + (accs[k] + coefficient(write_ptr, t64, tmask, k * MS + i, NS * MS, STATIC) * zi,)
         accs = new
     for k in tl.static_range(NS):
         tl.store(out_ptr + h_rows + k * d, to_output(accs[k], out_ptr), mask=mask)
@@ -100,7 +89,7 @@ def _write_fma_bwd(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gc
             hj = tl.load(h_ptr + h_rows + j * d, mask=mask, other=0.0).to(tl.float32)
             acc = tl.zeros([BT, BD], dtype=tl.float32)
             for k in tl.static_range(NS):
-                acc += _coef(carry_ptr, t64, tmask, j * NS + k, NS * NS, STATIC) * gs[k]
+                acc += coefficient(carry_ptr, t64, tmask, j * NS + k, NS * NS, STATIC) * gs[k]
                 new_cc = new_cc + (g_cc[j * NS + k] + tl.sum(hj * gs[k], axis=1),)
             tl.store(gh_ptr + h_rows + j * d, to_output(acc, gh_ptr), mask=mask)
         g_cc = new_cc
@@ -111,7 +100,7 @@ def _write_fma_bwd(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gc
             new_wc = ()
             for p in tl.static_range(NS * MS):  # p = k * MS + i'
                 if p % MS == i:
-                    acc += _coef(write_ptr, t64, tmask, p, NS * MS, STATIC) * gs[p // MS]
+                    acc += coefficient(write_ptr, t64, tmask, p, NS * MS, STATIC) * gs[p // MS]
                     new_wc = new_wc + (g_wc[p] + tl.sum(gs[p // MS] * zi, axis=1),)
                 else:
                     new_wc = new_wc + (g_wc[p],)
@@ -135,26 +124,16 @@ def fwd_config(n: int, m: int, d: int) -> dict:
     each [BT, BD] tile per thread (one 16-byte bf16 load), so the n accumulators and the n + m input tiles fit in
     registers (the compiler issues all loads up front)."""
     bd = min(256, max(16, triton.next_power_of_2(d)))
-    return dict(BT=_interpreter_bt(max(1, 8 * 32 * 4 // bd)), BD=bd, num_warps=4, num_stages=1)
+    return dict(BT=interpreter_bt(max(1, 8 * 32 * 4 // bd)), BD=bd, num_warps=4, num_stages=1)
 
 
 def bwd_config(n: int, m: int, d: int) -> dict:
     """Launch parameters of the backward: one token per warp (BT = 4 warps), so each per-token coefficient
-    gradient accumulator costs one register per thread; BD 256 (n <= 4) or 128 (n <= 8) of the slot width per
-    step of the loop over d."""
-    bd = min(256 if n <= 4 else 128, max(16, triton.next_power_of_2(d)))
-    return dict(BT=_interpreter_bt(4), BD=bd, num_warps=4, num_stages=1)
-
-
-def _interpreter_bt(bt: int) -> int:
-    # the interpreter's cost is per program and per unrolled op, hardly per element: 128 tokens per program there
-    # (same code paths: token masking, the loop over d; only the block height differs)
-    return 128 if interpreting() else bt
-
-
-def _launch_kwargs(cfg: dict) -> dict:
-    # the interpreter ignores num_warps/num_stages
-    return cfg if not interpreting() else {k: v for k, v in cfg.items() if k in ("BT", "BD")}
+    gradient accumulator costs one register per thread; BD 256 (n <= 4), 128 (up to 96 accumulators n(n+m)) or
+    64 ((8, 8): 128 accumulators; BD 128 spilled 12 B in fp32) of the slot width per step of the loop over d."""
+    bd = 256 if n <= 4 else 128 if n * (n + m) <= 96 else 64
+    bd = min(bd, max(16, triton.next_power_of_2(d)))
+    return dict(BT=interpreter_bt(4), BD=bd, num_warps=4, num_stages=1)
 
 
 def supports(n: int, m: int) -> bool:
@@ -178,7 +157,7 @@ def write(h, z, carry_c, write_c):
     if N and d:
         cfg = fwd_config(n, m, d)
         grid = (triton.cdiv(N, cfg["BT"]), triton.cdiv(d, cfg["BD"]))
-        _write_fma_fwd[grid](h, z, cc, wc, out, N, d, NS=n, MS=m, STATIC=static, **_launch_kwargs(cfg))
+        _write_fma_fwd[grid](h, z, cc, wc, out, N, d, NS=n, MS=m, STATIC=static, **launch_kwargs(cfg))
     return out
 
 
@@ -198,7 +177,7 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     if N:
         if d:
             _write_fma_bwd[(programs,)](h, z, cc, wc, g, g_h, g_z, g_cc, g_wc, N, d, NS=n, MS=m, STATIC=static,
-                                        **_launch_kwargs(cfg))
+                                        **launch_kwargs(cfg))
         else:
             g_cc.zero_(), g_wc.zero_()
     if static:

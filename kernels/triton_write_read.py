@@ -21,9 +21,9 @@ import triton.language as tl
 
 from .triton_common import blocks, contiguous3, pow2, state_view
 from .triton_helpers import to_output
-from .triton_read_dynamic import _gates_and_store, _wg_chunk, read_dynamic_backward, read_launch
+from .triton_read_dynamic import gates_and_store, wg_chunk, read_dynamic_backward, read_launch
 from . import triton_write, triton_write_fma
-from .triton_write import _coef3, _coefficients
+from .triton_write import coef3, coefficients
 
 
 @triton.jit
@@ -37,8 +37,8 @@ def _write_read_fwd(h_ptr, z_ptr, carry_ptr, write_ptr, hn_ptr, wg_ptr, static_p
     t3 = t0 + tl.arange(0, BT)[:, None, None]
     j3 = tl.arange(0, NP)[None, :, None]
     i3 = tl.arange(0, MP)[None, :, None]
-    carry_t = tl.permute(_coef3(carry_ptr, t3, N, n, n, STATIC, BT, NP, NP), (0, 2, 1))  # [BT, NP(k), NP(j)]
-    wc = _coef3(write_ptr, t3, N, n, m, STATIC, BT, NP, MP)  # [BT, NP(k), MP(i)]
+    carry_t = tl.permute(coef3(carry_ptr, t3, N, n, n, STATIC, BT, NP, NP), (0, 2, 1))  # [BT, NP(k), NP(j)]
+    wc = coef3(write_ptr, t3, N, n, m, STATIC, BT, NP, MP)  # [BT, NP(k), MP(i)]
 
     # pass 1: H' chunk by chunk, written once, and the next GHC's statistics from the same registers
     ss = tl.zeros([R], dtype=tl.float32)
@@ -57,15 +57,15 @@ def _write_read_fwd(h_ptr, z_ptr, carry_ptr, write_ptr, hn_ptr, wg_ptr, static_p
         tl.store(hn_ptr + t3.to(tl.int64) * n * d + j3 * d + dd3, out, mask=hmask)
         o2 = tl.reshape(out.to(tl.float32), (R, BD))
         ss += tl.sum(o2 * o2, axis=1)
-        u_r += tl.dot(o2, _wg_chunk(wg_ptr, dd, d, K, 0, m, MP), input_precision="ieee")
-        u_c += tl.dot(o2, _wg_chunk(wg_ptr, dd, d, K, m, n, NP), input_precision="ieee")
-        u_w += tl.dot(o2, _wg_chunk(wg_ptr, dd, d, K, m + n, m, MP), input_precision="ieee")
+        u_r += tl.dot(o2, wg_chunk(wg_ptr, dd, d, K, 0, m, MP), input_precision="ieee")
+        u_c += tl.dot(o2, wg_chunk(wg_ptr, dd, d, K, m, n, NP), input_precision="ieee")
+        u_w += tl.dot(o2, wg_chunk(wg_ptr, dd, d, K, m + n, m, MP), input_precision="ieee")
 
     r = tl.arange(0, R)
     tok = t0 + r // NP
     slot = r % NP
     row_ok = (tok < N) & (slot < n)
-    c_r = _gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry2_ptr, write2_ptr,
+    c_r = gates_and_store(ss, u_r, u_c, u_w, tok, slot, row_ok, static_ptr, scale_ptr, carry2_ptr, write2_ptr,
                            stats_ptr, n, m, d, eps, inv_sqrt_d, NP, MP)
 
     tl.debug_barrier()  # H' written by other threads of this program must be visible to the loads below
@@ -88,7 +88,7 @@ def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, w
                          f"and {(n, m)}")
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
-    static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
+    static, cc, wc = coefficients(carry_c, write_c, N, n, m)
     h_new = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     # the read outputs (x) take the dtype of the state they read: H'
     gate_inputs, outputs = read_launch(h_new, N, n, m, d, norm_weight, proj, read, carry, write, scale_read,

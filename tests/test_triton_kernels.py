@@ -247,6 +247,55 @@ def test_fma_write_mixed_dtypes_and_determinism():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("m,n,N,d", [(2, 3, 577, 300), (2, 8, 5, 40), (8, 8, 9, 24), (1, 1, 3, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fma_reads_match_reference(m, n, N, d, dtype, monkeypatch):
+    """The FMA reads (kernels/triton_read_fma.py), outputs NaN-poisoned: static read and, where its gates fit in
+    registers, the dynamic read forward and backward, also with an incoming dL/dH added in the kernel (the fused
+    write+read); fp32 within 2e-5 of the reference, bf16 within twice the reference's own error against fp64.
+    d=300 walks several chunks with a ragged last one; (8, 8) has no FMA dynamic read (its 192 gate values
+    spill), which the dispatcher must respect."""
+    from vwn_transform.kernels import triton_read_fma as rf
+
+    h, p = make_inputs(N, m, n, d, dtype, seed=41)
+    g = torch.Generator().manual_seed(42)
+    gx = torch.randn(N, m, d, generator=g).to(DEVICE, dtype)
+    gcc, gwc = torch.randn(N, n, n, generator=g).to(DEVICE), torch.randn(N, n, m, generator=g).to(DEVICE)
+    g_in = torch.randn(N, n, d, generator=g).to(DEVICE, dtype)
+    args = tuple(p[k] for k in OP_INPUTS[1:]) + (1e-6,)
+
+    def run(lib, cast, dynamic):
+        hh, gxx = cast(h), cast(gx)
+        out = {"read_static": (lib.read_static(hh, p["read"]),) + lib.read_static_backward(hh, p["read"], gxx)}
+        if dynamic:
+            fwd = lib.read_dynamic(hh, *args)
+            stats = ref.read_dynamic(hh, *args)[3]  # both backwards from the same statistics
+            out["read_dynamic"] = fwd + lib.read_dynamic_backward(hh, *args, stats, gxx, gcc, gwc)
+            if lib is rf:
+                gh_in = lib.read_dynamic_backward(hh, *args, stats, gxx, gcc, gwc, grad_in=cast(g_in))[0]
+            else:
+                gh_in = (lib.read_dynamic_backward(hh, *args, stats, gxx, gcc, gwc)[0].double() + cast(g_in).double())
+            out["read_dynamic_grad_in"] = (gh_in,)
+        return out
+
+    dynamic = rf.supports_dynamic(n, m)
+    assert rf.supports(n, m) and dynamic == ((m, n) != (8, 8))
+    with nan_poisoned_outputs(monkeypatch):
+        got = run(rf, lambda t: t, dynamic)
+    want, exact = run(ref, lambda t: t, dynamic), run(ref, lambda t: t.double(), dynamic)
+    for name in want:
+        for i, (a, w, e) in enumerate(zip(got[name], want[name], exact[name])):
+            assert a.shape == w.shape and (a.dtype == w.dtype or name.endswith("grad_in")), (name, i)
+            assert torch.isfinite(a).all(), f"{name}[{i}] has unwritten (NaN) entries"
+            if dtype == torch.float32:
+                assert rel_err(a, w) <= 2e-5, (name, i, rel_err(a, w))
+            else:
+                assert rel_err(a, e) <= 2 * rel_err(w, e) + 1e-6, (name, i, rel_err(a, e), rel_err(w, e))
+    if dynamic:  # parameter gradients: fixed-order sums of per-program partials, bitwise reproducible
+        again = rf.read_dynamic_backward(h, *args, ref.read_dynamic(h, *args)[3], gx, gcc, gwc)
+        assert all(torch.equal(a, b) for a, b in zip(again, got["read_dynamic"][4:]))
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
                     reason="runs the kernels on CPU tensors, i.e. through the Triton interpreter")
 def test_dispatch_is_explicit(monkeypatch):
@@ -279,10 +328,11 @@ def test_auto_follows_the_measured_table():
     assert choice == "triton" and "2.51 ms vs reference 5.06 ms" in why and "H200" in why
     assert auto_choice("ghc_read_static_backward", 8, 64, bf16, 256, 16384)[0] == "triton"
     assert auto_choice("ghc_read_static", 8, 64, bf16, 512, 65536)[0] == "triton"  # within the size bucket
+    padded = measured.KERNEL_IDS  # the kernels the (2, 3) rows measured, since replaced by the FMA kernels there
     for call in [("ghc_write_backward", 8, 64, bf16, 256, 16384),
                  ("ghc_read_dynamic", 2, 3, bf16, 1024, 16384),
                  ("ghc_read_static", 2, 3, bf16, 1024, 16384)]:  # faster forward only: forward+backward decides
-        choice, why = auto_choice(*call)
+        choice, why = auto_choice(*call, padded)
         assert choice == "reference" and why.startswith("measured slower"), call
     for call, says in [(("ghc_write_read_dynamic", 2, 3, bf16, 1024, 16384), "no measurement"),
                        (("ghc_read_static", 8, 64, torch.float32, 256, 16384), "no measurement"),
@@ -293,9 +343,16 @@ def test_auto_follows_the_measured_table():
         assert choice == "reference" and says in why, (call, why)
     # the write at (2, 3) was measured slower with the padded tl.dot kernel; the FMA kernel that replaced it there
     # is unmeasured, so auto stays on the reference until a GPU run adds a row for it
-    choice, why = auto_choice("ghc_write", 2, 3, bf16, 1024, 16384)
-    assert choice == "reference" and "'padded-dot-v1', which is no longer the one that runs ('fma-v1'" in why
+    for op in ("ghc_write", "ghc_read_dynamic_backward", "ghc_read_static"):
+        choice, why = auto_choice(op, 2, 3, bf16, 1024, 16384)
+        assert choice == "reference" and "'padded-dot-v1', which is no longer the one that runs ('fma-v1'" in why
     assert measured.kernel_id("write", 8, 64) == "padded-dot-v1" and measured.kernel_id("write", 2, 8) == "fma-v1"
+    # the FMA dynamic read (and the write+read built on it) only where its n(2m+n) gate values fit in registers
+    assert measured.kernel_id("read_dynamic", 2, 8) == measured.kernel_id("write_read_dynamic", 2, 3) == "fma-v1"
+    assert measured.kernel_id("read_dynamic", 8, 8) == "padded-dot-v1"
+    assert measured.kernel_id("write_read_dynamic", 8, 8) == "padded-dot-v1+fma-v1"
+    assert measured.kernel_id("read_static", 8, 8) == "fma-v1" and measured.kernel_id("read_static", 3, 2) == \
+        "padded-dot-v1"
     rewritten = dict(measured.KERNEL_IDS, read_static="something-new")
     choice, why = auto_choice("ghc_read_static", 8, 64, bf16, 256, 16384, rewritten)
     assert choice == "reference" and "no longer the one" in why

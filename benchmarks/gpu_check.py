@@ -1,0 +1,410 @@
+"""One GPU command: device check, native-kernel parity, kernel table and end-to-end training steps, each stage in
+its own process under its own timeout (a hang or crash loses one stage), results under ``--out DIR``.
+
+Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
+
+* ``env`` (30): device, torch/triton versions, device copy GB/s, bf16 GEMM TFLOP/s.
+* ``parity`` (60): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
+  Triton), against the plain-PyTorch reference and an fp64 reference: (2,3), (8,16), (8,64), bf16 and fp32,
+  577 and 16384 tokens, D=2048. Pass: fp32 within 2e-5 of the reference (relative to the largest entry), bf16
+  within twice the reference's own error against fp64. Failures are marked; timing goes on.
+* ``kernels`` (100): per op and (m, n) in (1,4), (2,3), (8,16), (8,64) at D=2048, 16384 tokens, bf16: eager
+  reference and ours (``--inductor``: also the inductor-compiled reference), forward and forward+backward ms
+  (``triton.testing.do_bench`` median), GB/s and % of the byte floor at the measured copy bandwidth, and the
+  kernel id that ran. With ``liger_kernel`` importable, its mHC pre/post at n=4 as an anchor row.
+* ``e2e`` (90): Llama D=2048, 4 layers, batch 4 x 2048, bf16, AdamW, eager: baseline, r=1.5 (2,3), r=4 (2,8),
+  r=8 (8,64), each widened model with the reference ops and with ours: step ms (median of 5 after 2 warm-up),
+  overhead vs the baseline measured in the same stage, peak GiB.
+* ``compiled`` (120): the same step under ``torch.compile`` for the baseline and r=1.5 (reference and ours).
+
+Each stage writes ``DIR/<stage>.json`` and ``DIR/<stage>.log``; the parent prints one compact table last, writes
+it to ``DIR/summary.md`` and appends it, with the device and versions, to ``benchmarks/RESULTS.md``.
+
+Usage::
+
+    python benchmarks/gpu_check.py --out /tmp/gpu                    # on the GPU
+    python benchmarks/gpu_check.py --out /tmp/gpu --only kernels --slots "2,3;8,64"
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --out /tmp/smoke --smoke   # the script itself, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+STAGES = {"env": 30, "parity": 60, "kernels": 100, "e2e": 90, "compiled": 120}
+FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(2, 3), (8, 16),
+            (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
+SMOKE = dict(tokens=(1, 33), D=48, slots=[(1, 4), (2, 3)], parity_slots=[(2, 3), (1, 4)],
+             e2e=dict(hidden=48, layers=2, batch=2, seq=16, heads=2, vocab=128))
+E2E_CASES = [("baseline", None, None), ("r=1.5 (2,3)", 1.5, None), ("r=4 (2,8)", 4, 2), ("r=8 (8,64)", 8, 8)]
+
+
+def _sizes(args):
+    return SMOKE if args.smoke else FULL
+
+
+def _device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stages (each runs in its own process and returns a JSON-able dict)
+# ---------------------------------------------------------------------------------------------------------------
+def stage_env(args) -> dict:
+    import torch
+    import triton
+    from ghc_kernels import copy_bandwidth, timer
+
+    device = _device()
+    bench = timer(device)
+    size = 8192 if device == "cuda" else 256
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    ms = bench(lambda: a @ a)
+    return dict(device=torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run)",
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                copy_gbs=copy_bandwidth(device, bench) / 1e9, gemm_tflops=2 * size ** 3 / (ms * 1e-3) / 1e12)
+
+
+def _op_outputs(lib, case, cast):
+    """Every op forward and backward of ``lib`` on one case: {name: tuple of tensors}."""
+    h, z, p, gx, gcc, gwc, gout, cc, wc = (case[k] for k in ("h", "z", "p", "gx", "gcc", "gwc", "gout", "cc", "wc"))
+    P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
+                             "scale_write"))
+    hh, zz, gxx, gg = cast(h), cast(z), cast(gx), cast(gout)
+    fwd = lib.read_dynamic(hh, *P, 1e-6)
+    stats = case["stats"].to(fwd[3].dtype)  # both backwards from the same statistics
+    wr = lib.write_read_dynamic(hh, zz, cc, wc, *P, 1e-6)
+    return {
+        "read_dynamic": fwd, "read_dynamic_bwd": lib.read_dynamic_backward(hh, *P, 1e-6, stats, gxx, gcc, gwc),
+        "read_static": (lib.read_static(hh, p["read"]),),
+        "read_static_bwd": lib.read_static_backward(hh, p["read"], gxx),
+        "write": (lib.write(hh, zz, cc, wc),), "write_bwd": lib.write_backward(hh, zz, cc, wc, gg),
+        "write_read_dynamic": wr[:1] + wr[2:4],
+        "write_read_dynamic_bwd": lib.write_read_dynamic_backward(
+            hh, zz, cc, wc, *P, 1e-6, cast(case["h_new"]), case["stats_new"], gg, gxx, gcc, gwc),
+    }
+
+
+def stage_parity(args) -> dict:
+    import torch
+    from ghc_kernels import make_case
+
+    from vwn_transform.kernels import reference as ref
+    from vwn_transform.kernels import triton_ops as tri
+    from vwn_transform.kernels.measured import kernel_id
+
+    sizes, device = _sizes(args), _device()
+    rows = []
+    for m, n in args.slots or sizes["parity_slots"]:
+        for dtype in (torch.bfloat16, torch.float32):
+            for N in sizes["tokens"]:
+                d, h, z, p = make_case(N, m, n, sizes["D"], dtype, device)
+                g = torch.Generator(device="cpu").manual_seed(1)
+                rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+                case = dict(h=h, z=z, p=p, gx=rnd(N, m, d).to(dtype), gcc=rnd(N, n, n), gwc=rnd(N, n, m),
+                            gout=rnd(N, n, d).to(dtype), cc=rnd(N, n, n), wc=rnd(N, n, m))
+                P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read",
+                                         "scale_carry", "scale_write"))
+                case["stats"] = ref.read_dynamic(h, *P, 1e-6)[3]
+                case["h_new"] = ref.write(h, z, case["cc"], case["wc"])
+                case["stats_new"] = ref.read_dynamic(case["h_new"], *P, 1e-6)[3]
+                try:
+                    got = _op_outputs(tri, case, lambda t: t)
+                except Exception as e:  # noqa: BLE001 - a failed op is a row, the stage goes on
+                    rows.append(dict(op="*", m=m, n=n, dtype=str(dtype), N=N, ok=False, error=repr(e)[:300]))
+                    continue
+                want = _op_outputs(ref, case, lambda t: t)
+                exact = _op_outputs(ref, case, lambda t: t.double())
+                for op in want:
+                    worst, limit_worst, ok = 0.0, 0.0, True
+                    for a, w, e in zip(got[op], want[op], exact[op]):
+                        err = _rel(a, e)
+                        limit = max(2e-5, 2 * _rel(w, e)) if dtype == torch.float32 else 2 * _rel(w, e) + 1e-6
+                        ok = ok and bool(torch.isfinite(a).all()) and a.shape == w.shape and err <= limit
+                        worst, limit_worst = max(worst, err), max(limit_worst, limit)
+                    rows.append(dict(op=op, m=m, n=n, dtype=str(dtype).removeprefix("torch."), N=N, ok=ok,
+                                     rel_err=worst, limit=limit_worst,
+                                     kernel=kernel_id(op.removesuffix("_bwd"), m, n)))
+    return dict(rows=rows, failed=sum(not r["ok"] for r in rows))
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
+
+
+def stage_kernels(args) -> dict:
+    import torch
+    from ghc_kernels import copy_bandwidth, make_case, timer
+
+    from vwn_transform.kernels import reference as ref
+    from vwn_transform.kernels import triton_ops as tri
+    from vwn_transform.kernels.measured import kernel_id
+
+    sizes, device = _sizes(args), _device()
+    bench = timer(device)
+    bandwidth = copy_bandwidth(device, bench)
+    N, dtype = sizes["tokens"][-1], torch.bfloat16
+    libs = {"eager": ref, "triton": tri}
+    if args.inductor:
+        names = ("read_dynamic", "read_dynamic_backward", "read_static", "read_static_backward", "write",
+                 "write_backward", "write_read_dynamic", "write_read_dynamic_backward")
+        libs["inductor"] = type("Inductor", (), {k: staticmethod(torch.compile(getattr(ref, k), dynamic=False))
+                                                 for k in names})
+    rows = []
+    for m, n in args.slots or sizes["slots"]:
+        d, h, z, p = make_case(N, m, n, sizes["D"], dtype, device)
+        P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
+                                 "scale_write"))
+        _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
+        h_new = ref.write(h, z, cc, wc)
+        stats_new = ref.read_dynamic(h_new, *P, 1e-6)[3]
+        gx, gout = torch.randn_like(z), torch.randn_like(h)
+        s = h.element_size()
+        state, narrow, K = N * n * d * s, N * m * d * s, 2 * m + n
+        coef = N * n * (n + m) * 4
+        gates = N * n * (K + 1) * 4
+        ops = {  # name: (forward, backward, floor bytes forward, floor bytes backward) -- gpu-kernels.md sec. 3
+            "read_dynamic": (lambda L: L.read_dynamic(h, *P, 1e-6),
+                             lambda L: L.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc),
+                             state + narrow + coef + gates, 2 * state + narrow + coef + gates),
+            "read_static": (lambda L: L.read_static(h, p["read"]),
+                            lambda L: L.read_static_backward(h, p["read"], gx), state + narrow, 2 * state + narrow),
+            "write": (lambda L: L.write(h, z, cc, wc), lambda L: L.write_backward(h, z, cc, wc, gout),
+                      2 * state + narrow + coef, 3 * state + 2 * narrow + 2 * coef),
+            "write_read_dynamic": (lambda L: L.write_read_dynamic(h, z, cc, wc, *P, 1e-6),
+                                   lambda L: L.write_read_dynamic_backward(h, z, cc, wc, *P, 1e-6, h_new, stats_new,
+                                                                           gout, gx, cc, wc),
+                                   2 * state + 2 * narrow + 2 * coef + gates,
+                                   4 * state + 3 * narrow + 3 * coef + gates),
+        }
+        for op, (fwd, bwd, bytes_f, bytes_b) in ops.items():
+            for impl, lib in libs.items():
+                try:
+                    ms_f = bench(lambda: fwd(lib))
+                    ms_b = bench(lambda: bwd(lib))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(op=op, m=m, n=n, impl=impl, error=repr(e)[:300]))
+                    continue
+                floor_f, floor_fb = bytes_f / bandwidth * 1e3, (bytes_f + bytes_b) / bandwidth * 1e3
+                rows.append(dict(op=op, m=m, n=n, D=sizes["D"], tokens=N, impl=impl, fwd_ms=ms_f,
+                                 fwd_bwd_ms=ms_f + ms_b, fwd_gbs=bytes_f / (ms_f * 1e-3) / 1e9,
+                                 fwd_floor_pct=100 * floor_f / ms_f, fwd_bwd_floor_pct=100 * floor_fb / (ms_f + ms_b),
+                                 kernel=kernel_id(op, m, n) if impl == "triton" else ""))
+    rows += _liger_anchor(args, bench, device)
+    return dict(rows=rows, copy_gbs=bandwidth / 1e9)
+
+
+def _liger_anchor(args, bench, device) -> list[dict]:
+    """Liger-Kernel's mHC pre/post at n=4 beside our GHC at (1, 4), when liger_kernel is importable."""
+    try:
+        from liger_kernel.ops import mhc  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - not installed: a row saying so
+        return [dict(op="liger mHC n=4", m=1, n=4, impl="liger", error=f"not measured: {type(e).__name__}")]
+    return [dict(op="liger mHC n=4", m=1, n=4, impl="liger",
+                 error="liger_kernel is importable but its mHC entry points are not wired into this check yet")]
+
+
+def _llama(e2e, device):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=e2e["hidden"], intermediate_size=int(e2e["hidden"] * 2.75),
+                      num_hidden_layers=e2e["layers"], num_attention_heads=e2e["heads"],
+                      num_key_value_heads=e2e["heads"], vocab_size=e2e["vocab"], max_position_embeddings=e2e["seq"],
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device, torch.bfloat16)
+
+
+def _steps(args, compiled: bool) -> dict:
+    import torch
+
+    import vwn_transform
+    from vwn_transform import ops
+
+    sizes, device = _sizes(args), _device()
+    e2e = sizes["e2e"]
+    ids = torch.randint(0, e2e["vocab"], (e2e["batch"], e2e["seq"]), device=device)
+    cases = E2E_CASES if not compiled else E2E_CASES[:2]
+    rows = []
+    for name, ratio, m in cases:
+        for impl in (["-"] if ratio is None else ["reference", "triton"]):
+            base = _llama(e2e, device)
+            model = base if ratio is None else vwn_transform.widen(base, ratio, m=m)
+            del base
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            run = model
+            if compiled:
+                run = torch.compile(model, backend="inductor" if device == "cuda" else "aot_eager")
+
+            def step():
+                run(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            ops.set_impl(None if impl == "-" else impl)
+            ops.reset_implementations_used()
+            try:
+                for _ in range(2):
+                    step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(5 if not args.smoke else 2):
+                    t0 = time.perf_counter()
+                    step()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+                rows.append(dict(model=name, impl=impl, compiled=compiled, step_ms=statistics.median(times),
+                                 peak_gib=peak, used=ops.implementations_used()))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(model=name, impl=impl, compiled=compiled, error=repr(e)[:300]))
+            finally:
+                ops.set_impl(None)
+            del model, run, opt
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    base_ms = next((r["step_ms"] for r in rows if r["model"] == "baseline" and "step_ms" in r), None)
+    for r in rows:
+        if base_ms and "step_ms" in r:
+            r["overhead_pct"] = 100 * (r["step_ms"] / base_ms - 1)
+    return dict(rows=rows, shape=e2e)
+
+
+def stage_e2e(args) -> dict:
+    return _steps(args, compiled=False)
+
+
+def stage_compiled(args) -> dict:
+    return _steps(args, compiled=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parent: run each stage in its own process, then the summary
+# ---------------------------------------------------------------------------------------------------------------
+def summary(out: str, results: dict) -> str:
+    env = results.get("env", {})
+    lines = [f"### gpu_check {time.strftime('%Y-%m-%d %H:%M')}: {env.get('device', '?')}, torch "
+             f"{env.get('torch', '?')}, triton {env.get('triton', '?')}", ""]
+    if "copy_gbs" in env:
+        lines.append(f"copy {env['copy_gbs']:.0f} GB/s, bf16 GEMM {env['gemm_tflops']:.0f} TFLOP/s")
+    for stage, res in results.items():
+        if "error" in res:
+            lines.append(f"- stage {stage}: **{res['error']}** (log: {out}/{stage}.log)")
+    par = results.get("parity", {}).get("rows", [])
+    if par:
+        bad = [r for r in par if not r["ok"]]
+        lines.append(f"- parity: {len(par) - len(bad)}/{len(par)} op x shape x dtype x tokens rows pass"
+                     + "".join(f"; FAIL {r['op']} ({r['m']},{r['n']}) {r['dtype']} N={r['N']} "
+                               f"{r.get('rel_err', r.get('error'))}" for r in bad[:6]))
+    kern = [r for r in results.get("kernels", {}).get("rows", []) if "fwd_ms" in r]
+    if kern:
+        lines += ["", "| op | (m,n) | impl | kernel | fwd ms | fwd+bwd ms | fwd % floor | fwd+bwd % floor |",
+                  "|---|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['op']} | ({r['m']},{r['n']}) | {r['impl']} | {r['kernel']} | {r['fwd_ms']:.3f} | "
+                  f"{r['fwd_bwd_ms']:.3f} | {r['fwd_floor_pct']:.0f}% | {r['fwd_bwd_floor_pct']:.0f}% |" for r in kern]
+    steps = results.get("e2e", {}).get("rows", []) + results.get("compiled", {}).get("rows", [])
+    if steps:
+        lines += ["", "| model | ops | compiled | step ms | overhead | peak GiB | GHC ops ran as |",
+                  "|---|---|---|---:|---:|---:|---|"]
+        for r in steps:
+            if "step_ms" not in r:
+                lines.append(f"| {r['model']} | {r['impl']} | {r['compiled']} | {r['error']} | | | |")
+                continue
+            ran = ", ".join(f"{v} x{list(r['used'].values()).count(v)}" for v in sorted(set(r["used"].values())))
+            lines.append(f"| {r['model']} | {r['impl']} | {r['compiled']} | {r['step_ms']:.1f} | "
+                         f"{r.get('overhead_pct', 0):+.1f}% | {r['peak_gib']:.2f} | {ran or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_stage_child(args) -> int:
+    fn = globals()[f"stage_{args.stage}"]
+    path = os.path.join(args.out, f"{args.stage}.json")
+    try:
+        result = fn(args)
+    except Exception:  # noqa: BLE001 - the parent reports it
+        result = dict(error=traceback.format_exc().strip().splitlines()[-1][:300])
+        print(traceback.format_exc(), file=sys.stderr)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for the per-stage JSON, logs and summary.md")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")
+    ap.add_argument("--only", action="append", choices=list(STAGES), default=None, help="run only these stages")
+    ap.add_argument("--slots", default=None, help='(m, n) pairs for parity/kernels, e.g. "2,3;8,64"')
+    ap.add_argument("--inductor", action="store_true", help="kernels: also the inductor-compiled reference")
+    ap.add_argument("--no-results-md", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process
+    args = ap.parse_args(argv)
+    if args.slots:
+        args.slots = [tuple(int(x) for x in part.split(",")) for part in args.slots.split(";")]
+    os.makedirs(args.out, exist_ok=True)
+    if args.stage:
+        return run_stage_child(args)
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("no CUDA device: gpu_check measures GPU kernels (use --smoke with TRITON_INTERPRET=1 to check the "
+              "script on the CPU)", file=sys.stderr)
+        return 2
+    if args.smoke and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        print("--smoke on the CPU needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
+        return 2
+    results = {}
+    for stage, timeout in STAGES.items():
+        if args.only and stage not in args.only:
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--stage", stage]
+        cmd += ["--smoke"] * args.smoke + ["--inductor"] * args.inductor
+        if args.slots:
+            cmd += ["--slots", ";".join(f"{m},{n}" for m, n in args.slots)]
+        t0 = time.time()
+        print(f"[gpu_check] stage {stage} (timeout {timeout} s) ...", flush=True)
+        with open(os.path.join(args.out, f"{stage}.log"), "w") as log:
+            try:
+                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout * (4 if args.smoke else 1))
+            except subprocess.TimeoutExpired:
+                results[stage] = dict(error=f"timed out after {timeout} s")
+        path = os.path.join(args.out, f"{stage}.json")
+        if stage not in results:
+            results[stage] = json.load(open(path)) if os.path.exists(path) else dict(error="crashed: no result")
+        print(f"[gpu_check] stage {stage}: {results[stage].get('error', 'done')} in {time.time() - t0:.0f} s",
+              flush=True)
+    text = summary(args.out, results)
+    print("\n" + text)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    if not args.smoke and not args.no_results_md:
+        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
+            f.write("\n" + text)
+    bad = [s for s, r in results.items() if "error" in r] + (["parity"] if results.get("parity", {}).get("failed")
+                                                             else [])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

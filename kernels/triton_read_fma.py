@@ -1,0 +1,446 @@
+"""GHC reads for small n (``m <= n <= FMA_MAX_N``) by unrolled FMAs on per-slot 2-D tiles: the memory-bound design
+of ``shared/spec/gpu-kernels.md`` section 3, as in :mod:`kernels.triton_write_fma`.
+
+* Static read ``X_i = sum_j Read[j, i] H_j``: forward on a 2-D grid (token blocks x slot-width blocks), each
+  program reads its H tiles once and writes X once; backward ``dL/dH_j = sum_i Read[j, i] dL/dX_i`` with
+  ``dL/dRead[j, i] = sum H_j . dL/dX_i`` as one fp32 partial per program, summed by torch in a fixed order.
+* Dynamic read, forward (one kernel): a program owns ``BT`` whole tokens. Pass 1 over the slot width sums
+  ``H_j^2`` and ``U_jk = H_j . wg_k`` (``wg = diag(norm_weight) proj``, K = 2m+n gate columns) in fp32 registers;
+  then ``1/rms``, the logits and the gated coefficients ``static + scale * tanh(logit)`` are formed in registers
+  (carry/write coefficients and ``stats = [logits | 1/rms]`` are stored); pass 2 re-reads the program's tokens
+  (from L2: a program's tokens are a few tens of KB) and writes ``X = Read^T H``.
+* Dynamic read, backward (two kernels): ``coef`` (per token block, one pass over d) forms ``dL/dRead = H gX^T``
+  and from it every per-token gate gradient ``g_u`` and the ``1/rms`` term, plus per-program partials of the
+  static/scale gradients; ``state`` (a 2-D grid of token groups x slot-width chunks, each program looping over
+  its group's token blocks) writes ``dL/dH_j = sum_i Read[j, i] gX_i + sum_k g_u[j, k] wg_k + rowscale_j H_j
+  (+ an incoming gradient, for the fused write+read)`` and keeps ``dL/dwg`` for its chunk in registers, stored
+  once per program as a partial that torch sums in a fixed order (deterministic, no atomics).
+
+No padding of the slot counts, no ``tl.dot``, no shared-memory staging, no fp32 copy of the state in HBM; the
+state is loaded in its own dtype (bf16/fp16/fp32) and mixed in fp32. Matches :mod:`kernels.reference`
+(``read_static``, ``read_dynamic`` and their backwards). Launch parameters: :func:`configs`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import DYNAMIC_MAX_GATES, FMA_MAX_N, contiguous3, interpreter_bt, interpreting, launch_kwargs, state_view
+from .triton_helpers import coefficient, tanh, to_output
+
+KERNEL_ID = "fma-v1"
+
+
+def supports(n: int, m: int) -> bool:
+    """The static read (mixing only) at (m, n)."""
+    return 1 <= m <= n <= FMA_MAX_N
+
+
+def supports_dynamic(n: int, m: int) -> bool:
+    """The dynamic read (gates + mixing) at (m, n)."""
+    return supports(n, m) and n * (2 * m + n) <= DYNAMIC_MAX_GATES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixing X = Read^T H with static ([n, m]) or per-token ([N, n, m]) read coefficients
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _read_fma_fwd(h_ptr, read_ptr, x_ptr, N, d,
+                  NS: tl.constexpr, MS: tl.constexpr, STATIC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    tmask = t < N
+    mask = tmask[:, None] & (dd < d)[None, :]
+    t64 = t.to(tl.int64)
+    h_rows = (t64 * (NS * d))[:, None] + dd[None, :]  # slot j of token t: + j * d
+    x_rows = (t64 * (MS * d))[:, None] + dd[None, :]
+    accs = ()
+    for i in tl.static_range(MS):
+        accs = accs + (tl.zeros([BT, BD], dtype=tl.float32),)
+    for j in tl.static_range(NS):
+        hj = tl.load(h_ptr + h_rows + j * d, mask=mask, other=0.0).to(tl.float32)
+        new = ()
+        for i in tl.static_range(MS):
+            new = new + (accs[i] + coefficient(read_ptr, t64, tmask, j * MS + i, NS * MS, STATIC) * hj,)
+        accs = new
+    for i in tl.static_range(MS):
+        tl.store(x_ptr + x_rows + i * d, to_output(accs[i], x_ptr), mask=mask)
+
+
+@triton.jit
+def _read_fma_bwd(h_ptr, read_ptr, gx_ptr, gh_ptr, gread_ptr, N, d,
+                  NS: tl.constexpr, MS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    # static read: a program owns BT whole tokens and walks the slot width; dL/dRead as one partial per program
+    pid = tl.program_id(0)
+    t = pid * BT + tl.arange(0, BT)
+    tmask = t < N
+    t64 = t.to(tl.int64)
+    h_base = (t64 * (NS * d))[:, None]
+    x_base = (t64 * (MS * d))[:, None]
+    g_r = ()
+    for p in tl.static_range(NS * MS):
+        g_r = g_r + (tl.zeros([BT], dtype=tl.float32),)
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        mask = tmask[:, None] & (dd < d)[None, :]
+        gxs = ()
+        for i in tl.static_range(MS):
+            gxs = gxs + (tl.load(gx_ptr + x_base + dd[None, :] + i * d, mask=mask, other=0.0).to(tl.float32),)
+        new = ()
+        for j in tl.static_range(NS):
+            hj = tl.load(h_ptr + h_base + dd[None, :] + j * d, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.zeros([BT, BD], dtype=tl.float32)
+            for i in tl.static_range(MS):
+                acc += coefficient(read_ptr, t64, tmask, j * MS + i, NS * MS, True) * gxs[i]
+                new = new + (g_r[j * MS + i] + tl.sum(hj * gxs[i], axis=1),)
+            tl.store(gh_ptr + h_base + dd[None, :] + j * d, to_output(acc, gh_ptr), mask=mask)
+        g_r = new
+    for p in tl.static_range(NS * MS):
+        tl.store(gread_ptr + pid * (NS * MS) + p, tl.sum(g_r[p], axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dynamic read: gates from the state, then the mixing
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _read_dynamic_fma_fwd(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, carry_ptr, write_ptr, stats_ptr, N, d, eps,
+                          inv_sqrt_d, NS: tl.constexpr, MS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    K: tl.constexpr = 2 * MS + NS  # gate columns: [read (m) | carry (n) | write^T (m)]
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = t < N
+    t64 = t.to(tl.int64)
+    h_base = (t64 * (NS * d))[:, None]
+    # pass 1: per-slot sum of squares and U[j, k] = H_j . wg_k, as [BT] fp32 vectors
+    sq = ()
+    for j in tl.static_range(NS):
+        sq = sq + (tl.zeros([BT], dtype=tl.float32),)
+    u = ()
+    for p in tl.static_range(NS * K):
+        u = u + (tl.zeros([BT], dtype=tl.float32),)
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        dmask = dd < d
+        mask = tmask[:, None] & dmask[None, :]
+        wk = ()
+        for k in tl.static_range(K):  # wg^T [K, d]: one contiguous row per gate column
+            wk = wk + (tl.load(wgt_ptr + k * d + dd, mask=dmask, other=0.0),)
+        new_sq = ()
+        new_u = ()
+        for j in tl.static_range(NS):
+            hj = tl.load(h_ptr + h_base + dd[None, :] + j * d, mask=mask, other=0.0).to(tl.float32)
+            new_sq = new_sq + (sq[j] + tl.sum(hj * hj, axis=1),)
+            for k in tl.static_range(K):
+                new_u = new_u + (u[j * K + k] + tl.sum(hj * wk[k][None, :], axis=1),)
+        sq = new_sq
+        u = new_u
+    # gates in registers; carry/write coefficients and [logits | 1/rms] stored, read coefficients kept
+    stats_row = t64 * (NS * (K + 1))
+    read_c = ()
+    for j in tl.static_range(NS):
+        inv_rms = 1.0 / tl.sqrt(sq[j] / d + eps)
+        tl.store(stats_ptr + stats_row + j * (K + 1) + K, inv_rms, mask=tmask)
+        f = inv_rms * inv_sqrt_d
+        for k in tl.static_range(K):
+            logit = u[j * K + k] * f
+            tl.store(stats_ptr + stats_row + j * (K + 1) + k, logit, mask=tmask)
+            c = tl.load(base_ptr + j * K + k) + tl.load(scale_ptr + j * K + k) * tanh(logit)
+            if k < MS:
+                read_c = read_c + (c[:, None],)
+            elif k < MS + NS:
+                tl.store(carry_ptr + t64 * (NS * NS) + j * NS + (k - MS), c, mask=tmask)
+            else:
+                tl.store(write_ptr + t64 * (NS * MS) + j * MS + (k - MS - NS), c, mask=tmask)
+    # pass 2: X_i = sum_j Read[j, i] H_j
+    x_base = (t64 * (MS * d))[:, None]
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        mask = tmask[:, None] & (dd < d)[None, :]
+        accs = ()
+        for i in tl.static_range(MS):
+            accs = accs + (tl.zeros([BT, BD], dtype=tl.float32),)
+        for j in tl.static_range(NS):
+            hj = tl.load(h_ptr + h_base + dd[None, :] + j * d, mask=mask, other=0.0).to(tl.float32)
+            new = ()
+            for i in tl.static_range(MS):
+                new = new + (accs[i] + read_c[j * MS + i] * hj,)
+            accs = new
+        for i in tl.static_range(MS):
+            tl.store(x_ptr + x_base + dd[None, :] + i * d, to_output(accs[i], x_ptr), mask=mask)
+
+
+@triton.jit
+def _read_dynamic_fma_bwd_coef(h_ptr, gx_ptr, gcarry_ptr, gwrite_ptr, stats_ptr, base_ptr, scale_ptr, readc_ptr,
+                               gu_ptr, rowscale_ptr, gstatic_ptr, gscales_ptr, N, d, inv_sqrt_d,
+                               NS: tl.constexpr, MS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    K: tl.constexpr = 2 * MS + NS
+    pid = tl.program_id(0)
+    t = pid * BT + tl.arange(0, BT)
+    tmask = t < N
+    t64 = t.to(tl.int64)
+    h_base = (t64 * (NS * d))[:, None]
+    x_base = (t64 * (MS * d))[:, None]
+    # pass over d: dL/dRead[j, i] = H_j . gX_i
+    g_r = ()
+    for p in tl.static_range(NS * MS):
+        g_r = g_r + (tl.zeros([BT], dtype=tl.float32),)
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        mask = tmask[:, None] & (dd < d)[None, :]
+        gxs = ()
+        for i in tl.static_range(MS):
+            gxs = gxs + (tl.load(gx_ptr + x_base + dd[None, :] + i * d, mask=mask, other=0.0).to(tl.float32),)
+        new = ()
+        for j in tl.static_range(NS):
+            hj = tl.load(h_ptr + h_base + dd[None, :] + j * d, mask=mask, other=0.0).to(tl.float32)
+            for i in tl.static_range(MS):
+                new = new + (g_r[j * MS + i] + tl.sum(hj * gxs[i], axis=1),)
+        g_r = new
+    # per token: coef = static + scale * tanh(logit) -> gate gradients (masked tokens contribute zeros)
+    stats_row = t64 * (NS * (K + 1))
+    for j in tl.static_range(NS):
+        inv_rms = tl.load(stats_ptr + stats_row + j * (K + 1) + K, mask=tmask, other=1.0)
+        g_inv = tl.zeros([BT], dtype=tl.float32)  # sum_k g_logit * logit
+        for k in tl.static_range(K):
+            logit = tl.load(stats_ptr + stats_row + j * (K + 1) + k, mask=tmask, other=0.0)
+            c = tanh(logit)
+            scale = tl.load(scale_ptr + j * K + k)
+            if k < MS:
+                g_coef = g_r[j * MS + k]
+                tl.store(readc_ptr + t64 * (NS * MS) + j * MS + k, tl.load(base_ptr + j * K + k) + scale * c,
+                         mask=tmask)
+            elif k < MS + NS:
+                g_coef = tl.load(gcarry_ptr + t64 * (NS * NS) + j * NS + (k - MS), mask=tmask, other=0.0)
+            else:
+                g_coef = tl.load(gwrite_ptr + t64 * (NS * MS) + j * MS + (k - MS - NS), mask=tmask, other=0.0)
+            tl.store(gstatic_ptr + pid * (NS * K) + j * K + k, tl.sum(g_coef, axis=0))
+            tl.store(gscales_ptr + pid * (NS * K) + j * K + k, tl.sum(g_coef * c, axis=0))
+            g_logit = g_coef * scale * (1.0 - c * c)
+            g_inv += g_logit * logit
+            tl.store(gu_ptr + t64 * (NS * K) + j * K + k, g_logit * (inv_rms * inv_sqrt_d), mask=tmask)
+        # through 1/rms = (|H_j|^2 / d + eps)^-1/2: dL/dH_j += H_j * (sum_k g_logit logit) * rms^-2 * (-1/d)
+        tl.store(rowscale_ptr + t64 * NS + j, g_inv * inv_rms * inv_rms * (-1.0 / d), mask=tmask)
+
+
+@triton.jit
+def _read_dynamic_fma_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, wgt_ptr, gin_ptr, gh_ptr, gwg_ptr,
+                                N, d, NS: tl.constexpr, MS: tl.constexpr, G_IN: tl.constexpr, BT: tl.constexpr,
+                                BD: tl.constexpr):
+    K: tl.constexpr = 2 * MS + NS
+    group = tl.program_id(0)
+    groups = tl.num_programs(0)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    dmask = dd < d
+    wk = ()
+    g_wg = ()
+    for k in tl.static_range(K):
+        wk = wk + (tl.load(wgt_ptr + k * d + dd, mask=dmask, other=0.0)[None, :],)
+        g_wg = g_wg + (tl.zeros([BD], dtype=tl.float32),)
+    for block in range(group, tl.cdiv(N, BT), groups):  # this group's token blocks, in order
+        t = block * BT + tl.arange(0, BT)
+        tmask = t < N
+        t64 = t.to(tl.int64)
+        mask = tmask[:, None] & dmask[None, :]
+        h_rows = (t64 * (NS * d))[:, None] + dd[None, :]
+        x_rows = (t64 * (MS * d))[:, None] + dd[None, :]
+        gxs = ()
+        for i in tl.static_range(MS):
+            gxs = gxs + (tl.load(gx_ptr + x_rows + i * d, mask=mask, other=0.0).to(tl.float32),)
+        hs = ()
+        gus = ()  # g_u[j, k] as [BT, 1] columns
+        for j in tl.static_range(NS):
+            hs = hs + (tl.load(h_ptr + h_rows + j * d, mask=mask, other=0.0).to(tl.float32),)
+            for k in tl.static_range(K):
+                gus = gus + (coefficient(gu_ptr, t64, tmask, j * K + k, NS * K, False),)
+        for j in tl.static_range(NS):
+            acc = tl.load(rowscale_ptr + t64 * NS + j, mask=tmask, other=0.0)[:, None] * hs[j]
+            if G_IN:
+                acc += tl.load(gin_ptr + h_rows + j * d, mask=mask, other=0.0).to(tl.float32)
+            for i in tl.static_range(MS):
+                acc += coefficient(readc_ptr, t64, tmask, j * MS + i, NS * MS, False) * gxs[i]
+            for k in tl.static_range(K):
+                acc += gus[j * K + k] * wk[k]
+            tl.store(gh_ptr + h_rows + j * d, to_output(acc, gh_ptr), mask=mask)
+        new = ()
+        for k in tl.static_range(K):  # dL/dwg_k += sum over tokens and slots of g_u[j, k] H_j
+            s = tl.zeros([BT, BD], dtype=tl.float32)
+            for j in tl.static_range(NS):
+                s += gus[j * K + k] * hs[j]
+            new = new + (g_wg[k] + tl.sum(s, axis=0),)
+        g_wg = new
+    for k in tl.static_range(K):
+        tl.store(gwg_ptr + group * (K * d) + k * d + dd, g_wg[k], mask=dmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch parameters and host functions
+# ---------------------------------------------------------------------------------------------------------------
+def configs(n: int, m: int, d: int) -> dict[str, dict]:
+    """Launch parameters per kernel (also what ``benchmarks/kernel_static_check.py`` compiles).
+
+    * ``mix_fwd``: 2-D grid, BT x BD tiles of 8 values per thread (one 16-byte bf16 load) with 4 warps.
+    * the others: one token per warp walking the slot width (``dynamic_bwd_state``: a token group's blocks, the
+      groups chosen in :func:`_state_groups`), so each per-token accumulator costs one register per thread.
+    """
+    bd_full = min(256, max(16, triton.next_power_of_2(d)))
+
+    def walk(bt, bd, warps):  # one token per warp, walking the slot width in chunks of bd
+        return dict(BT=interpreter_bt(bt), BD=min(bd, max(16, triton.next_power_of_2(d))), num_warps=warps,
+                    num_stages=1)
+
+    # chosen by compiling variants for sm_90a at (1,4), (2,3), (4,4), (2,8) (benchmarks/NOTES.md): the widest
+    # chunks (16-byte loads need 8 bf16 values per thread: BD 256 with 4 warps) whose per-token gate values
+    # (n * (2m + n) of them) and per-slot tiles still fit in registers without spills
+    gates = n * (2 * m + n)
+    return {
+        "mix_fwd": dict(BT=interpreter_bt(max(1, 8 * 32 * 4 // bd_full)), BD=bd_full, num_warps=4, num_stages=1),
+        "mix_bwd": walk(4, 128, 4),
+        "dynamic_fwd": walk(4, 256 if gates <= 24 else 128 if gates <= 48 else 64, 4),
+        "dynamic_bwd_coef": walk(4, 256, 4),
+        "dynamic_bwd_state": walk(4, 128 if gates <= 24 else 64, 4),
+    }
+
+
+def _state_groups(N: int, bt: int, chunks: int) -> int:
+    # token groups of the backward's state kernel: about 1024 programs in all natively (8 four-warp programs per
+    # SM on a 132-SM GPU), each looping over its group's token blocks; the dL/dwg partials are [groups, K, d]
+    blocks_ = triton.cdiv(N, bt)
+    target = 4 if interpreting() else max(1, triton.cdiv(1024, chunks))
+    return max(1, min(blocks_, target))
+
+
+def read_static(h, read):
+    """:func:`kernels.reference.read_static` for ``m <= n <= FMA_MAX_N``: ``[N, n, d] -> [N, m, d]``."""
+    n, m = read.shape
+    h, N, d = state_view(h, n, m)
+    x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
+    if N and d:
+        cfg = configs(n, m, d)["mix_fwd"]
+        grid = (triton.cdiv(N, cfg["BT"]), triton.cdiv(d, cfg["BD"]))
+        _read_fma_fwd[grid](h, read.float().contiguous(), x, N, d, NS=n, MS=m, STATIC=True, **launch_kwargs(cfg))
+    return x
+
+
+def read_static_backward(h, read, grad_x):
+    """:func:`kernels.reference.read_static_backward` for ``m <= n <= FMA_MAX_N``."""
+    n, m = read.shape
+    h, N, d = state_view(h, n, m)
+    gx = contiguous3(grad_x, m, d, "grad_x")
+    cfg = configs(n, m, d)["mix_bwd"]
+    programs = triton.cdiv(N, cfg["BT"])
+    g_h = torch.empty_like(h)
+    g_read = torch.zeros((max(programs, 1), n, m), device=h.device, dtype=torch.float32)
+    if N and d:
+        _read_fma_bwd[(programs,)](h, read.float().contiguous(), gx, g_h, g_read, N, d, NS=n, MS=m,
+                                   **launch_kwargs(cfg))
+    return g_h, g_read.sum(0).to(read.dtype)  # a fixed-order sum of the programs' partials
+
+
+def _gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write):
+    # wg^T [K, d] (gain folded into the projection, one contiguous row per gate column) and the stacked static
+    # maps and scales [n, K] = [read | carry | write^T], all fp32
+    wgt = (norm_weight.float()[:, None] * proj.float()).t().contiguous()
+    base = torch.cat([read.float(), carry.float(), write.float().t()], dim=1).contiguous()
+    scales = torch.cat([scale_read.float(), scale_carry.float(), scale_write.float().t()], dim=1).contiguous()
+    return wgt, base, scales
+
+
+def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
+    """:func:`kernels.reference.read_dynamic` where :func:`supports_dynamic`: ``(x, carry_c, write_c, stats)``."""
+    n, m = read.shape
+    h, N, d = state_view(h, n, m)
+    K = 2 * m + n
+    wgt, base, scales = _gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
+    carry_c = torch.empty((N, n, n), device=h.device, dtype=torch.float32)
+    write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
+    stats = torch.empty((N, n, K + 1), device=h.device, dtype=torch.float32)
+    if N:
+        cfg = configs(n, m, d)["dynamic_fwd"]
+        _read_dynamic_fma_fwd[(triton.cdiv(N, cfg["BT"]),)](
+            h, wgt, base, scales, x, carry_c, write_c, stats, N, d, float(eps), 1.0 / math.sqrt(max(d, 1)),
+            NS=n, MS=m, **launch_kwargs(cfg))
+    return x, carry_c, write_c, stats
+
+
+def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, stats,
+                          grad_x, grad_carry_c, grad_write_c, grad_in=None):
+    """:func:`kernels.reference.read_dynamic_backward` where :func:`supports_dynamic`. ``grad_in`` (``[N, n, d]``,
+    optional) is added to ``dL/dH`` in fp32 before the one rounding (the fused write+read's gradient of H')."""
+    n, m = read.shape
+    h, N, d = state_view(h, n, m)
+    K = 2 * m + n
+    gx = contiguous3(grad_x, m, d, "grad_x")
+    gcc = grad_carry_c.float().reshape(N, n, n).contiguous()
+    gwc = grad_write_c.float().reshape(N, n, m).contiguous()
+    stats = stats.float().reshape(N, n, K + 1).contiguous()
+    wgt, base, scales = _gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    coef_cfg, state_cfg = (configs(n, m, d)[k] for k in ("dynamic_bwd_coef", "dynamic_bwd_state"))
+    programs = triton.cdiv(N, coef_cfg["BT"])
+    chunks = triton.cdiv(max(d, 1), state_cfg["BD"])
+    groups = _state_groups(N, state_cfg["BT"], chunks)
+    dev = h.device
+    read_c = torch.empty((N, n, m), device=dev, dtype=torch.float32)
+    g_u = torch.empty((N, n, K), device=dev, dtype=torch.float32)
+    rowscale = torch.empty((N, n), device=dev, dtype=torch.float32)
+    g_static = torch.zeros((max(programs, 1), n, K), device=dev, dtype=torch.float32)
+    g_scales = torch.zeros((max(programs, 1), n, K), device=dev, dtype=torch.float32)
+    g_h = torch.empty_like(h)
+    g_wgt = torch.zeros((groups, K, d), device=dev, dtype=torch.float32)
+    if grad_in is not None:
+        grad_in = contiguous3(grad_in, n, d, "grad_in")
+    if N:
+        _read_dynamic_fma_bwd_coef[(programs,)](
+            h, gx, gcc, gwc, stats, base, scales, read_c, g_u, rowscale, g_static, g_scales, N, d,
+            1.0 / math.sqrt(max(d, 1)), NS=n, MS=m, **launch_kwargs(coef_cfg))
+        if d:
+            _read_dynamic_fma_bwd_state[(groups, chunks)](
+                h, gx, read_c, g_u, rowscale, wgt, grad_in if grad_in is not None else h, g_h, g_wgt, N, d,
+                NS=n, MS=m, G_IN=grad_in is not None, **launch_kwargs(state_cfg))
+    g_static, g_scales = g_static.sum(0), g_scales.sum(0)  # [n, K], fixed-order sums of the partials
+    g_wg = g_wgt.sum(0).t()  # [d, K]
+    gain, w = norm_weight.float(), proj.float()
+    grads = (g_wg * gain[:, None], (g_wg * w).sum(1), g_static[:, :m], g_static[:, m:m + n],
+             g_static[:, m + n:].t(), g_scales[:, :m], g_scales[:, m:m + n], g_scales[:, m + n:].t())
+    params = (proj, norm_weight, read, carry, write, scale_read, scale_carry, scale_write)
+    grads = tuple(g.to(p.dtype).clone(memory_format=torch.contiguous_format) for g, p in zip(grads, params))
+    # reference order: h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write
+    return (g_h, grads[1], grads[0]) + grads[2:]
+
+
+def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
+    """What ``benchmarks/kernel_static_check.py`` compiles for this (n, m, d, state dtype): every kernel of this
+    module as :func:`read_static` / :func:`read_dynamic` and their backwards launch it (the dynamic read only
+    where :func:`supports_dynamic`)."""
+    ptr, f32 = f"*{dtype}", "*fp32"
+    cfg = configs(n, m, d)
+
+    def spec(name, fn, args, which, **constexprs):
+        c = cfg[which]
+        return dict(kernel=f"{name}[{KERNEL_ID}]", fn=fn, args=args,
+                    constexprs=dict(NS=n, MS=m, BT=c["BT"], BD=c["BD"], **constexprs),
+                    num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    specs = [
+        spec("read_static_fwd", _read_fma_fwd, dict(h_ptr=ptr, read_ptr=f32, x_ptr=ptr, N=16384, d=d),
+             "mix_fwd", STATIC=True),
+        spec("read_static_bwd", _read_fma_bwd,
+             dict(h_ptr=ptr, read_ptr=f32, gx_ptr=ptr, gh_ptr=ptr, gread_ptr=f32, N=16384, d=d), "mix_bwd"),
+    ]
+    if not supports_dynamic(n, m):
+        return specs
+    return specs + [
+        spec("read_dynamic_fwd", _read_dynamic_fma_fwd,
+             dict(h_ptr=ptr, wgt_ptr=f32, base_ptr=f32, scale_ptr=f32, x_ptr=ptr, carry_ptr=f32, write_ptr=f32,
+                  stats_ptr=f32, N=16384, d=d, eps=1e-6, inv_sqrt_d=0.03), "dynamic_fwd"),
+        spec("read_dynamic_bwd_coef", _read_dynamic_fma_bwd_coef,
+             dict(h_ptr=ptr, gx_ptr=ptr, gcarry_ptr=f32, gwrite_ptr=f32, stats_ptr=f32, base_ptr=f32, scale_ptr=f32,
+                  readc_ptr=f32, gu_ptr=f32, rowscale_ptr=f32, gstatic_ptr=f32, gscales_ptr=f32, N=16384,
+                  d=d, inv_sqrt_d=0.03), "dynamic_bwd_coef"),
+        spec("read_dynamic_bwd_state", _read_dynamic_fma_bwd_state,
+             dict(h_ptr=ptr, gx_ptr=ptr, readc_ptr=f32, gu_ptr=f32, rowscale_ptr=f32, wgt_ptr=f32, gin_ptr=ptr,
+                  gh_ptr=ptr, gwg_ptr=f32, N=16384, d=d), "dynamic_bwd_state", G_IN=True),
+    ]
