@@ -41,6 +41,7 @@ import torch.fx as fx
 from torch import nn
 
 from vwn_transform.config import UnsupportedModelError
+from vwn_transform.passes.pipeline import GraphPass, PassResult, run_passes
 
 from .probe import is_norm_module
 
@@ -176,6 +177,10 @@ def trace_block(block: nn.Module, spec: CallSpec, base_class: type | None = None
 # ------------------------------------------------------------------------------------------------------------
 # matching
 # ------------------------------------------------------------------------------------------------------------
+class NoResidualUpdateError(UnsupportedModelError):
+    """A block's own code has no residual update ``s + f(s)`` (callers may diagnose why: e.g. a post-LN block)."""
+
+
 @dataclasses.dataclass
 class ResidualUpdate:
     """``result = stream + sum(terms)``, the terms computed by ``branch`` from ``stream``."""
@@ -190,6 +195,14 @@ class ResidualUpdate:
     @property
     def parallel(self) -> bool:
         return len(self.terms) > 1
+
+    def remapped(self, node_map: dict[fx.Node, fx.Node]) -> "ResidualUpdate":
+        """The same update in a copy of its graph (``node_map``: original node -> copied node; terms that are not
+        nodes, e.g. constants, stay as they are)."""
+        return dataclasses.replace(
+            self, stream=node_map[self.stream], result=node_map[self.result], tree=[node_map[t] for t in self.tree],
+            terms=[node_map.get(t, t) if isinstance(t, fx.Node) else t for t in self.terms],
+            branch=[node_map[b] for b in self.branch])
 
 
 def _is_add(node: Any) -> bool:
@@ -303,7 +316,7 @@ def find_residual_updates(graph: fx.Graph, block: nn.Module, stream_name: str, w
     if not updates:
         adds = [n for n in graph.nodes if _is_add(n)]
         children = [name for name, _ in block.named_children()]
-        raise UnsupportedModelError(
+        raise NoResidualUpdateError(
             f"{where}: expected residual updates s + f(s) in the block's own code (pre-norm: s + f(norm(s))); "
             f"found none ({len(adds)} add(s) in the block's code, none adds the stream to a function of itself). "
             f"A residual add hidden inside a submodule ({', '.join(children)}) cannot be rewritten"
@@ -368,10 +381,10 @@ def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate]) -> fx.Gr
         first = upd.branch[0]
         with graph.inserting_before(first):
             ghc = graph.get_attr(f"{GHC_CONTAINER}.{i}")
-            contracted = graph.call_method("contract", (ghc, stream))
-            x = graph.call_function(operator.getitem, (contracted, 0))
-            carry_c = graph.call_function(operator.getitem, (contracted, 1))
-            write_c = graph.call_function(operator.getitem, (contracted, 2))
+            contracted = graph.create_node("call_method", "contract", (ghc, stream), name=f"ghc_in_{i}")
+            x = graph.create_node("call_function", operator.getitem, (contracted, 0), name=f"x_{i}")
+            carry_c = graph.create_node("call_function", operator.getitem, (contracted, 1), name=f"carry_c_{i}")
+            write_c = graph.create_node("call_function", operator.getitem, (contracted, 2), name=f"write_c_{i}")
         for node in upd.branch:
             if stream in node.all_input_nodes:
                 node.replace_input_with(stream, x)
@@ -379,10 +392,8 @@ def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate]) -> fx.Gr
             z = upd.terms[0]
             for term in upd.terms[1:]:
                 z = graph.call_function(operator.add, (z, term))
-            new_stream = graph.call_method("expand", (ghc, stream, z, carry_c, write_c))
-        for node, name in ((contracted, "ghc_in"), (x, "x"), (carry_c, "carry_c"), (write_c, "write_c"),
-                           (new_stream, "h")):
-            node.name = graph._graph_namespace.create_name(f"{name}_{i}", node)
+            new_stream = graph.create_node("call_method", "expand", (ghc, stream, z, carry_c, write_c), name=f"h_{i}")
+        for node in (contracted, x, carry_c, write_c, new_stream):
             node.meta["vwn_pass"] = "rewrite_block_graph"
         upd.result.replace_all_uses_with(new_stream)
         for node in upd.tree:
@@ -414,30 +425,58 @@ def fuse_write_read(graph: fx.Graph) -> bool:
         contract = contracts[0]
         nxt = contract.args[0]
         with graph.inserting_before(expand):
-            fused = graph.call_method("expand_contract", (*expand.args, nxt))
-            h_new = graph.call_function(operator.getitem, (fused, 0))
-            contracted = graph.call_function(operator.getitem, (fused, 1))
+            # named after the nodes they replace (fx makes a taken name unique with a suffix)
+            fused = graph.create_node("call_method", "expand_contract", (*expand.args, nxt),
+                                      name=f"fused_{expand.name}")
+            h_new = graph.create_node("call_function", operator.getitem, (fused, 0), name=expand.name)
+            contracted = graph.create_node("call_function", operator.getitem, (fused, 1), name=contract.name)
         order = {node: i for i, node in enumerate(graph.nodes)}
         if order[nxt] > order[fused]:
             fused.prepend(nxt)  # the next GHC's get_attr must come before its first use
-        names = (f"fused_{expand.name}", expand.name, contract.name)
         expand.replace_all_uses_with(h_new)
         contract.replace_all_uses_with(contracted)
         graph.erase_node(contract)
         graph.erase_node(expand)
-        for node, name in zip((fused, h_new, contracted), names):
-            node.name = graph._graph_namespace.create_name(name, node)
+        for node in (fused, h_new, contracted):
             node.meta["vwn_pass"] = "fuse_write_read"
         modified = True
     graph.lint()
     return modified
 
 
+class RewriteResidualUpdates(GraphPass):
+    """:func:`rewrite_block_graph` as a pass: every residual update becomes a GHC contract/expand pair."""
+
+    name = "rewrite_block_graph"
+    requires = ("residual-updates",)
+    ensures = ("ghc-form",)
+
+    def __init__(self, updates: list[ResidualUpdate]):
+        self.updates = updates
+
+    def run(self, graph: fx.Graph) -> PassResult:
+        rewrite_block_graph(graph, self.updates)
+        return PassResult(bool(self.updates), len(self.updates))
+
+
+class FuseWriteRead(GraphPass):
+    """:func:`fuse_write_read` as a pass: adjacent expand/contract pairs become ``expand_contract``."""
+
+    name = "fuse_write_read"
+    requires = ("ghc-form",)
+
+    def run(self, graph: fx.Graph) -> PassResult:
+        before = sum(1 for n in graph.nodes if n.op == "call_method" and n.target == "expand_contract")
+        changed = fuse_write_read(graph)
+        after = sum(1 for n in graph.nodes if n.op == "call_method" and n.target == "expand_contract")
+        return PassResult(changed, after - before)
+
+
 def lower_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], name: str) -> tuple[Callable, str]:
-    """The passes from a traced block to its widened forward: rewrite into GHC form, fuse neighbouring
-    write/read pairs, generate Python. Returns ``(forward, source)``."""
-    rewrite_block_graph(graph, updates)
-    fuse_write_read(graph)
+    """The passes from a traced block to its widened forward (:func:`run_passes`: rewrite into GHC form, fuse
+    neighbouring write/read pairs), then Python generated from the graph. Returns ``(forward, source)``."""
+    run_passes(graph, [RewriteResidualUpdates(updates), FuseWriteRead()], f"block {name}",
+               established=("residual-updates",))
     return compile_block_graph(graph, name)
 
 
@@ -479,9 +518,13 @@ class BlockRunner:
                 f"with {self.sublayers}; the block's structure depends on its arguments, which VWN cannot follow"
             )
         fn, src = lower_block_graph(graph, updates, self.name)
-        self._compiled[spec.key] = fn
-        self.sources[spec.key] = src
+        self.install(spec.key, fn, src)
         return fn
+
+    def install(self, key: tuple, fn: Callable, source: str) -> None:
+        """Use ``fn`` (generated from ``source``) for calls with signature ``key``."""
+        self._compiled[key] = fn
+        self.sources[key] = source
 
     def graph_for(self, block: nn.Module, key: tuple) -> Callable:
         """The rewritten forward for signature ``key``, built (traced and lowered) on first use."""

@@ -38,10 +38,11 @@ import torch
 import torch.fx as fx
 
 import vwn_transform.ops  # noqa: F401  (registers torch.ops.vwn.*)
+from vwn_transform.passes.pipeline import GraphPass, PassResult, run_passes
 
 log = logging.getLogger("vwn_transform")
 
-__all__ = ["vwn_backend", "fuse_cross_block", "INNER_COMPILERS"]
+__all__ = ["vwn_backend", "fuse_cross_block", "FuseCrossBlock", "INNER_COMPILERS"]
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 _WRITE = (torch.ops.vwn.ghc_write, torch.ops.vwn.ghc_write.default)
@@ -58,11 +59,28 @@ def _meta_shape(node: fx.Node):
     return getattr(val, "shape", None)
 
 
-def fuse_cross_block(gm: fx.GraphModule) -> int:
+class FuseCrossBlock(GraphPass):
     """``h' = ghc_write(h, z, cc, wc); read = ghc_read_dynamic(h', *params, eps)`` -> one
-    ``ghc_write_read_dynamic`` (its output 0 is ``h'``, outputs 1..4 are the read's). Returns the number of pairs
-    fused. Only pairs with the same (n, m) on both sides (the same model) are fused."""
-    graph = gm.graph
+    ``ghc_write_read_dynamic`` (its output 0 is ``h'``, outputs 1..4 are the read's). Only pairs with the same
+    (n, m) on both sides (the same model) are fused."""
+
+    name = "fuse_cross_block"
+    requires = ("ghc-ops",)
+
+    def run(self, graph: fx.Graph) -> PassResult:
+        count = _fuse_cross_block(graph)
+        return PassResult(count > 0, count)
+
+
+def fuse_cross_block(gm: fx.GraphModule) -> int:
+    """:class:`FuseCrossBlock` on ``gm`` (recompiled when changed). Returns the number of pairs fused."""
+    (_, result), = run_passes(gm.graph, [FuseCrossBlock()], "backend 'vwn' graph", established=("ghc-ops",))
+    if result.changed:
+        gm.recompile()
+    return result.count
+
+
+def _fuse_cross_block(graph: fx.Graph) -> int:
     fused_count = 0
     for write in list(graph.nodes):
         if write.op != "call_function" or write.target not in _WRITE:
@@ -97,9 +115,6 @@ def fuse_cross_block(gm: fx.GraphModule) -> int:
         graph.erase_node(read)
         graph.erase_node(write)
         fused_count += 1
-    if fused_count:
-        graph.lint()
-        gm.recompile()
     return fused_count
 
 

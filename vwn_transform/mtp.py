@@ -31,7 +31,7 @@ __all__ = ["MTPModule", "attach_mtp"]
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-def _label_convention(model: nn.Module) -> tuple[str, int, int]:
+def label_convention(model: nn.Module) -> tuple[str, int, int]:
     """(argument name, shift from the next-token label to the next-2-token label, ignore index)."""
     params = inspect.signature(model.forward).parameters
     if "labels" in params:
@@ -166,7 +166,7 @@ class MTPModule(nn.Module):
 
 def attach_mtp(model: nn.Module, structure, cfg, op) -> MTPModule:
     """Add ``model.vwn_mtp`` and its hooks (undone through ``op`` if widen() fails later)."""
-    name, shift, ignore = _label_convention(model)
+    name, shift, ignore = label_convention(model)
     slot = cfg.hidden_size // cfg.m
     first = model.get_submodule(structure.blocks[0].name)
     last = model.get_submodule(structure.blocks[-1].name)
@@ -184,5 +184,5 @@ def attach_mtp(model: nn.Module, structure, cfg, op) -> MTPModule:
         final.register_forward_pre_hook(mtp.on_final, with_kwargs=True),
         model.register_forward_hook(mtp.on_model_return, with_kwargs=True),
     ]
-    op._undo.append(lambda: [h.remove() for h in handles])
+    op.on_undo(lambda: [h.remove() for h in handles])
     return mtp

@@ -15,7 +15,7 @@ from torch import nn
 
 from vwn_transform.config import MAX_SLOTS, UnsupportedModelError, VWNConfig, choose_slots, parse_ratio
 from vwn_transform.lora import peft_module
-from vwn_transform.mtp import _label_convention, attach_mtp
+from vwn_transform.mtp import attach_mtp, label_convention
 from vwn_transform.modules import (
     GHC,
     ReduceMixin,
@@ -30,6 +30,7 @@ from vwn_transform.passes.block_graph import (
     GHC_CONTAINER,
     BlockRunner,
     CallSpec,
+    NoResidualUpdateError,
     ResidualUpdate,
     find_residual_updates,
     lower_block_graph,
@@ -259,7 +260,8 @@ def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, 
         try:
             updates = find_residual_updates(graph, call.module, spec.stream_placeholder(), where)
         except UnsupportedModelError as exc:
-            post_ln = diagnose_post_ln(call.module, call.args, call.kwargs) if "found none" in str(exc) else None
+            post_ln = diagnose_post_ln(call.module, call.args, call.kwargs) \
+                if isinstance(exc, NoResidualUpdateError) else None
             if post_ln:
                 raise UnsupportedModelError(
                     f"{where} is a post-LN block: {post_ln} (BERT-style norm(s + f(s))); expected pre-norm "
@@ -358,6 +360,10 @@ class _Surgery:
         old = swap_class(module, mixin)
         self._undo.append(lambda: setattr(module, "__class__", old))
 
+    def on_undo(self, undo) -> None:
+        """Run ``undo()`` (with the other undo steps, newest first) if the surgery is rolled back."""
+        self._undo.append(undo)
+
     def rollback(self) -> None:
         for undo in reversed(self._undo):
             undo()
@@ -424,15 +430,10 @@ def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op:
         ghcs.to(dtype=ref.dtype, device=ref.device)
     graph = copy.deepcopy(analysis.graph)  # the analysis stays reusable
     node_map = dict(zip(analysis.graph.nodes, graph.nodes))
-    updates = [
-        ResidualUpdate(node_map[u.stream], node_map[u.result], [node_map[t] for t in u.tree],
-                       [node_map.get(t, t) for t in u.terms], [node_map[b] for b in u.branch], u.sublayers)
-        for u in analysis.updates
-    ]
+    updates = [u.remapped(node_map) for u in analysis.updates]
     fn, src = lower_block_graph(graph, updates, analysis.name)
     runner = BlockRunner(analysis.name, [u.sublayers for u in analysis.updates])
-    runner._compiled[analysis.spec.key] = fn
-    runner.sources[analysis.spec.key] = src
+    runner.install(analysis.spec.key, fn, src)
     op.set(block, GHC_CONTAINER, ghcs)
     op.set(block, "vwn_runner", runner)
     op.swap(block, WidenedBlockMixin)
@@ -482,7 +483,7 @@ def _hook_model(target: nn.Module, op: _Surgery) -> None:
         return
     if isinstance(emb, WideEmbedding):
         old = swap_model_class(target)
-        op._undo.append(lambda: setattr(target, "__class__", old))
+        op.on_undo(lambda: setattr(target, "__class__", old))
 
 
 def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStructure, blocks, cfg: VWNConfig,
@@ -507,7 +508,7 @@ def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStruc
         had = "vwn_recipe" in hf_config.__dict__
         old = hf_config.__dict__.get("vwn_recipe")
         hf_config.vwn_recipe = recipe
-        op._undo.append(lambda: setattr(hf_config, "vwn_recipe", old) if had else delattr(hf_config, "vwn_recipe"))
+        op.on_undo(lambda: setattr(hf_config, "vwn_recipe", old) if had else delattr(hf_config, "vwn_recipe"))
 
 
 def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
@@ -557,7 +558,7 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
     cfg, structure, blocks = _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, mtp,
                                       mtp_weight)
     if cfg.mtp:
-        _label_convention(model)  # refuse before any work on the model
+        label_convention(model)  # refuse before any work on the model
     params_original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     _warn_unusual(cfg, params_original, _count_added(model, cfg, structure, sum(len(b.updates) for b in blocks)),
                   type(model).__name__)
