@@ -17,13 +17,16 @@ Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
   overhead vs the baseline measured in the same stage, peak GiB.
 * ``compiled`` (120): the same step under ``torch.compile`` for the baseline and r=1.5 (reference and ours).
 
-Each stage writes ``DIR/<stage>.json`` and ``DIR/<stage>.log``; the parent prints one compact table last, writes
-it to ``DIR/summary.md`` and appends it, with the device and versions, to ``benchmarks/RESULTS.md``.
+Each stage writes ``DIR/<stage>.json`` and ``DIR/<stage>.log``, and its rows as they finish to
+``DIR/<stage>.partial.json``, so a stage stopped at its timeout (first native compiles of the large padded kernels
+can take tens of seconds each) still reports what it finished; ``--timeout STAGE=SECONDS`` overrides one. The
+parent prints one compact table last, writes it to ``DIR/summary.md`` and appends it, with the device and
+versions, to ``benchmarks/RESULTS.md``.
 
 Usage::
 
     python benchmarks/gpu_check.py --out /tmp/gpu                    # on the GPU
-    python benchmarks/gpu_check.py --out /tmp/gpu --only kernels --slots "2,3;8,64"
+    python benchmarks/gpu_check.py --out /tmp/gpu --only kernels --slots "2,3;8,64" --timeout kernels=200
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --out /tmp/smoke --smoke   # the script itself, on the CPU
 """
 
@@ -48,6 +51,19 @@ FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)
 SMOKE = dict(tokens=(1, 33), D=48, slots=[(1, 4), (2, 3)], parity_slots=[(2, 3), (1, 4)],
              e2e=dict(hidden=48, layers=2, batch=2, seq=16, heads=2, vocab=128))
 E2E_CASES = [("baseline", None, None), ("r=1.5 (2,3)", 1.5, None), ("r=4 (2,8)", 4, 2), ("r=8 (8,64)", 8, 8)]
+
+
+class Rows(list):
+    """A stage's result rows, also written to ``DIR/<stage>.partial.json`` at every append: a stage killed at its
+    timeout (a long Triton compile, a hang) still reports the rows it finished."""
+
+    path: str | None = None
+
+    def append(self, row) -> None:
+        super().append(row)
+        if Rows.path:
+            with open(Rows.path, "w") as f:
+                json.dump(list(self), f, default=str)
 
 
 def _sizes(args):
@@ -107,7 +123,7 @@ def stage_parity(args) -> dict:
     from vwn_transform.kernels.measured import kernel_id
 
     sizes, device = _sizes(args), _device()
-    rows = []
+    rows = Rows()
     for m, n in args.slots or sizes["parity_slots"]:
         for dtype in (torch.bfloat16, torch.float32):
             for N in sizes["tokens"]:
@@ -164,7 +180,7 @@ def stage_kernels(args) -> dict:
                  "write_backward", "write_read_dynamic", "write_read_dynamic_backward")
         libs["inductor"] = type("Inductor", (), {k: staticmethod(torch.compile(getattr(ref, k), dynamic=False))
                                                  for k in names})
-    rows = []
+    rows = Rows()
     for m, n in args.slots or sizes["slots"]:
         d, h, z, p = make_case(N, m, n, sizes["D"], dtype, device)
         P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
@@ -240,7 +256,7 @@ def _steps(args, compiled: bool) -> dict:
     e2e = sizes["e2e"]
     ids = torch.randint(0, e2e["vocab"], (e2e["batch"], e2e["seq"]), device=device)
     cases = E2E_CASES if not compiled else E2E_CASES[:2]
-    rows = []
+    rows = Rows()
     for name, ratio, m in cases:
         for impl in (["-"] if ratio is None else ["reference", "triton"]):
             base = _llama(e2e, device)
@@ -338,6 +354,7 @@ def summary(out: str, results: dict) -> str:
 def run_stage_child(args) -> int:
     fn = globals()[f"stage_{args.stage}"]
     path = os.path.join(args.out, f"{args.stage}.json")
+    Rows.path = os.path.join(args.out, f"{args.stage}.partial.json")
     try:
         result = fn(args)
     except Exception:  # noqa: BLE001 - the parent reports it
@@ -357,6 +374,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", default=None, help='(m, n) pairs for parity/kernels, e.g. "2,3;8,64"')
     ap.add_argument("--inductor", action="store_true", help="kernels: also the inductor-compiled reference")
     ap.add_argument("--no-results-md", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
+                    help=f"override a stage's timeout (defaults: {STAGES})")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     if args.slots:
@@ -364,6 +383,12 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if args.stage:
         return run_stage_child(args)
+    timeouts = dict(STAGES)
+    for item in args.timeout:
+        name, _, seconds = item.partition("=")
+        if name not in STAGES or not seconds.replace(".", "", 1).isdigit():
+            ap.error(f"--timeout {item!r}: expected STAGE=SECONDS with STAGE one of {list(STAGES)}")
+        timeouts[name] = float(seconds)
 
     import torch
 
@@ -375,7 +400,7 @@ def main(argv=None) -> int:
         print("--smoke on the CPU needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
         return 2
     results = {}
-    for stage, timeout in STAGES.items():
+    for stage, timeout in timeouts.items():
         if args.only and stage not in args.only:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--stage", stage]
@@ -390,8 +415,15 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 results[stage] = dict(error=f"timed out after {timeout} s")
         path = os.path.join(args.out, f"{stage}.json")
-        if stage not in results:
-            results[stage] = json.load(open(path)) if os.path.exists(path) else dict(error="crashed: no result")
+        if stage not in results and not os.path.exists(path):
+            results[stage] = dict(error="crashed: no result")
+        elif stage not in results:
+            results[stage] = json.load(open(path))
+        partial = os.path.join(args.out, f"{stage}.partial.json")
+        if "error" in results[stage] and "rows" not in results[stage] and os.path.exists(partial):
+            rows = json.load(open(partial))  # what the stage finished before it was stopped
+            results[stage].update(rows=rows, failed=sum(not r.get("ok", True) for r in rows))
+            results[stage]["error"] += f" ({len(rows)} rows finished, kept)"
         print(f"[gpu_check] stage {stage}: {results[stage].get('error', 'done')} in {time.time() - t0:.0f} s",
               flush=True)
     text = summary(args.out, results)

@@ -48,3 +48,22 @@ def test_refuses_without_a_gpu_or_the_interpreter(tmp_path):
     proc = run(tmp_path, "--smoke", interpret=False)
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_stage_rows_survive_a_stopped_stage_and_timeouts_are_checked(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    gpu_check.Rows.path = str(tmp_path / "parity.partial.json")
+    try:
+        rows = gpu_check.Rows()
+        rows.append(dict(op="write", ok=True))
+        rows.append(dict(op="read_static", ok=False))
+        assert json.loads((tmp_path / "parity.partial.json").read_text()) == rows  # on disk after every append
+    finally:
+        gpu_check.Rows.path = None
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--out", str(tmp_path), "--timeout", "parity=soon"])
+    assert exc.value.code == 2 and "expected STAGE=SECONDS" in capsys.readouterr().err

@@ -160,8 +160,8 @@ def test_custom_op_gradients_by_name(m, n, N, d, dynamic):
         assert rel_err(g_tri[name], g) <= 2e-5, (name, rel_err(g_tri[name], g))
 
 
-def test_training_parity_five_steps():
-    """Tolerance: 1e-5 on losses and parameters in fp32. Adam turns gradient rounding differences into update
+def test_training_parity_three_steps():
+    """r=4 (2, 8): the FMA dynamic read at its largest gate count. Tolerance: 1e-5 on losses and parameters in fp32. Adam turns gradient rounding differences into update
     differences of up to ~lr per step for near-zero gradients, so the learning rate is kept at 1e-3."""
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def test_training_parity_five_steps():
         ops.set_impl(impl)
         losses = []
         try:
-            for _ in range(5):
+            for _ in range(3):
                 loss = model(idx[:, :-1], idx[:, 1:])[1]
                 loss.backward()
                 opt.step()
@@ -421,7 +421,7 @@ def test_recompute_gives_the_same_gradients_with_less_memory(impl):
     try:
         for recompute in (False, True):
             torch.manual_seed(1)
-            wide = vwn_transform.widen(base, config=VWNConfig(n=8, m=2, init="paper", recompute=recompute)).train()
+            wide = vwn_transform.widen(base, config=VWNConfig(n=4, m=2, init="paper", recompute=recompute)).train()
             assert all(g.recompute == recompute for g in wide.modules() if isinstance(g, vwn_transform.GHC))
             loss = wide(idx, idx)[1]
             loss.backward()
@@ -432,7 +432,7 @@ def test_recompute_gives_the_same_gradients_with_less_memory(impl):
     for k, g in grads[False].items():
         assert torch.equal(grads[True][k], g), k  # the same kernels recompute the same values
     # per GHC call: stats [N, n, 2m+n+1] + carry [N, n, n] + write [N, n, m] in fp32, 4 GHC calls, N = 32 tokens
-    n, m, tokens = 8, 2, 32
+    n, m, tokens = 4, 2, 32
     expected = 4 * tokens * n * ((2 * m + n + 1) + n + m) * 4
     assert saved[False] == 0 and saved[True] == expected
 
