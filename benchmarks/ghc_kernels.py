@@ -69,6 +69,20 @@ def make_case(N, m, n, D, dtype, device):
     return d, h, z, p
 
 
+def byte_floors(op: str, N: int, m: int, n: int, d: int, elem: int) -> tuple[int, int]:
+    """(forward, backward) bytes ``op`` must move at least (``shared/spec/gpu-kernels.md`` section 3): every input
+    read once, every output written once; state elements of ``elem`` bytes, fp32 coefficients."""
+    state, narrow, K = N * n * d * elem, N * m * d * elem, 2 * m + n
+    coef = N * n * (n + m) * 4  # carry + write coefficients
+    gates = N * n * (K + 1) * 4  # stats: logits + 1/rms
+    return {
+        "read_static": (state + narrow, 2 * state + narrow),
+        "read_dynamic": (state + narrow + coef + gates, 2 * state + narrow + coef + gates),
+        "write": (2 * state + narrow + coef, 3 * state + 2 * narrow + 2 * coef),
+        "write_read_dynamic": (2 * state + 2 * narrow + 2 * coef + gates, 4 * state + 3 * narrow + 3 * coef + gates),
+    }[op]
+
+
 def kernel_rows(args, device, bench, bandwidth):
     from vwn_transform.kernels import reference as ref
     from vwn_transform.kernels import triton_ops as tri
@@ -81,28 +95,22 @@ def kernel_rows(args, device, bench, bandwidth):
     for D in args.widths:
         for m, n in args.slots:
             d, h, z, p = make_case(args.tokens, m, n, D, dtype, device)
-            N, K = args.tokens, 2 * m + n
-            es = h.element_size()
+            N = args.tokens
             P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
                                      "scale_write"))
             _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
             gx, gout = torch.randn_like(z), torch.randn_like(h)
-            state, narrow = N * n * d * es, N * m * d * es
-            coef = N * n * (n + m) * 4
             cases = {
-                # name: (fn(lib) fwd, fn(lib) bwd, bytes fwd, bytes bwd)
+                # name: (fn(lib) fwd, fn(lib) bwd)
                 "read_dynamic": (lambda lib: lib.read_dynamic(h, *P, 1e-6),
-                                 lambda lib: lib.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc),
-                                 state + narrow + coef + N * n * (K + 1) * 4,
-                                 2 * state + narrow + coef + 2 * N * n * (K + 1) * 4),
+                                 lambda lib: lib.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc)),
                 "read_static": (lambda lib: lib.read_static(h, p["read"]),
-                                lambda lib: lib.read_static_backward(h, p["read"], gx),
-                                state + narrow, 2 * state + narrow),
+                                lambda lib: lib.read_static_backward(h, p["read"], gx)),
                 "write": (lambda lib: lib.write(h, z, cc, wc),
-                          lambda lib: lib.write_backward(h, z, cc, wc, gout),
-                          2 * state + narrow + coef, 3 * state + 2 * narrow + 2 * coef),
+                          lambda lib: lib.write_backward(h, z, cc, wc, gout)),
             }
-            for name, (fwd, bwd, bytes_f, bytes_b) in cases.items():
+            for name, (fwd, bwd) in cases.items():
+                bytes_f, bytes_b = byte_floors(name, N, m, n, d, h.element_size())
                 libs = {"eager": ref, "inductor": None, "triton": tri}
                 for impl, lib in libs.items():
                     if impl == "inductor":

@@ -164,7 +164,7 @@ def _rel(a, b) -> float:
 
 def stage_kernels(args) -> dict:
     import torch
-    from ghc_kernels import copy_bandwidth, make_case, timer
+    from ghc_kernels import byte_floors, copy_bandwidth, make_case, timer
 
     from vwn_transform.kernels import reference as ref
     from vwn_transform.kernels import triton_ops as tri
@@ -189,25 +189,18 @@ def stage_kernels(args) -> dict:
         h_new = ref.write(h, z, cc, wc)
         stats_new = ref.read_dynamic(h_new, *P, 1e-6)[3]
         gx, gout = torch.randn_like(z), torch.randn_like(h)
-        s = h.element_size()
-        state, narrow, K = N * n * d * s, N * m * d * s, 2 * m + n
-        coef = N * n * (n + m) * 4
-        gates = N * n * (K + 1) * 4
-        ops = {  # name: (forward, backward, floor bytes forward, floor bytes backward) -- gpu-kernels.md sec. 3
+        ops = {  # name: (forward, backward)
             "read_dynamic": (lambda L: L.read_dynamic(h, *P, 1e-6),
-                             lambda L: L.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc),
-                             state + narrow + coef + gates, 2 * state + narrow + coef + gates),
+                             lambda L: L.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc)),
             "read_static": (lambda L: L.read_static(h, p["read"]),
-                            lambda L: L.read_static_backward(h, p["read"], gx), state + narrow, 2 * state + narrow),
-            "write": (lambda L: L.write(h, z, cc, wc), lambda L: L.write_backward(h, z, cc, wc, gout),
-                      2 * state + narrow + coef, 3 * state + 2 * narrow + 2 * coef),
+                            lambda L: L.read_static_backward(h, p["read"], gx)),
+            "write": (lambda L: L.write(h, z, cc, wc), lambda L: L.write_backward(h, z, cc, wc, gout)),
             "write_read_dynamic": (lambda L: L.write_read_dynamic(h, z, cc, wc, *P, 1e-6),
                                    lambda L: L.write_read_dynamic_backward(h, z, cc, wc, *P, 1e-6, h_new, stats_new,
-                                                                           gout, gx, cc, wc),
-                                   2 * state + 2 * narrow + 2 * coef + gates,
-                                   4 * state + 3 * narrow + 3 * coef + gates),
+                                                                           gout, gx, cc, wc)),
         }
-        for op, (fwd, bwd, bytes_f, bytes_b) in ops.items():
+        for op, (fwd, bwd) in ops.items():
+            bytes_f, bytes_b = byte_floors(op, N, m, n, d, h.element_size())  # gpu-kernels.md section 3
             for impl, lib in libs.items():
                 try:
                     ms_f = bench(lambda: fwd(lib))

@@ -41,12 +41,11 @@ FMA_KERNEL_IDS = {"write": "fma-v1", "write_read_dynamic": "padded-dot-v1+fma-v1
 
 def kernel_id(op: str, m: int, n: int) -> str:
     """Which Triton kernel ``VWN_IMPL=triton`` runs for ``op`` at (m, n)."""
-    from .triton_common import DYNAMIC_MAX_GATES, FMA_MAX_N
+    from .triton_common import fma_dynamic_read_supports, fma_supports
 
-    if not 1 <= m <= n <= FMA_MAX_N:
+    if not fma_supports(n, m):
         return KERNEL_IDS[op]
-    dynamic_fits = n * (2 * m + n) <= DYNAMIC_MAX_GATES
-    if op == "read_static" or (op in ("read_dynamic", "write_read_dynamic") and dynamic_fits):
+    if op == "read_static" or (op in ("read_dynamic", "write_read_dynamic") and fma_dynamic_read_supports(n, m)):
         return "fma-v1"
     return FMA_KERNEL_IDS.get(op, KERNEL_IDS[op])
 

@@ -30,6 +30,16 @@ FMA_MAX_N = 8  # slot counts up to this run the FMA kernels (triton_*_fma.py), l
 DYNAMIC_MAX_GATES = 96
 
 
+def fma_supports(n: int, m: int) -> bool:
+    """The FMA write + carry and the FMA static read run at (m, n)."""
+    return 1 <= m <= n <= FMA_MAX_N
+
+
+def fma_dynamic_read_supports(n: int, m: int) -> bool:
+    """The FMA dynamic read (gates + mixing), and the write+read built on it, run at (m, n)."""
+    return fma_supports(n, m) and n * (2 * m + n) <= DYNAMIC_MAX_GATES
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

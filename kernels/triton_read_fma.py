@@ -29,20 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import DYNAMIC_MAX_GATES, FMA_MAX_N, contiguous3, interpreter_bt, interpreting, launch_kwargs, state_view
+from .triton_common import (contiguous3, fma_dynamic_read_supports, fma_supports, interpreter_bt, interpreting,
+                           launch_kwargs, state_view)
 from .triton_helpers import coefficient, tanh, to_output
 
 KERNEL_ID = "fma-v1"
 
 
-def supports(n: int, m: int) -> bool:
-    """The static read (mixing only) at (m, n)."""
-    return 1 <= m <= n <= FMA_MAX_N
-
-
-def supports_dynamic(n: int, m: int) -> bool:
-    """The dynamic read (gates + mixing) at (m, n)."""
-    return supports(n, m) and n * (2 * m + n) <= DYNAMIC_MAX_GATES
+supports = fma_supports  # the static read (mixing only) at (m, n)
+supports_dynamic = fma_dynamic_read_supports  # the dynamic read (gates + mixing) at (m, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------

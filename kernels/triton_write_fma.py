@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import FMA_MAX_N, contiguous3, interpreter_bt, launch_kwargs, state_view
+from .triton_common import contiguous3, fma_supports, interpreter_bt, launch_kwargs, state_view
 from .triton_helpers import coefficient, to_output
 
 KERNEL_ID = "fma-v1"
@@ -136,8 +136,7 @@ def bwd_config(n: int, m: int, d: int) -> dict:
     return dict(BT=interpreter_bt(4), BD=bd, num_warps=4, num_stages=1)
 
 
-def supports(n: int, m: int) -> bool:
-    return 1 <= m <= n <= FMA_MAX_N
+supports = fma_supports  # (m, n) where these kernels run
 
 
 def _coefficients(carry_c, write_c, N, n, m):

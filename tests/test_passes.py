@@ -97,6 +97,18 @@ def traced(block, *args, **kwargs):
     return graph, spec, values
 
 
+def rewritten(make, seed):
+    """A fresh block, its output on a random stream, and its graph rewritten into GHC form:
+    ``(block, output, graph, placeholder values, updates)``."""
+    torch.manual_seed(seed)
+    block = make()
+    s = torch.randn(2, 3, 8)
+    graph, spec, values = traced(block, s)
+    updates = find_residual_updates(graph, block, spec.stream_placeholder(), "test block")
+    rewrite_block_graph(graph, updates)
+    return block, block(s), graph, values, updates
+
+
 def widened_with_stand_ins(block, updates):
     calls: list = []
     setattr(block, GHC_CONTAINER, nn.ModuleList(IdentityGHC(calls) for _ in updates))
@@ -127,13 +139,7 @@ def test_no_residual_update_is_a_specific_error():
 
 @pytest.mark.parametrize("make", [PreNormBlock, ParallelBlock])
 def test_rewrite_preserves_the_block_with_identity_ghcs(make):
-    torch.manual_seed(0)
-    block = make()
-    s = torch.randn(2, 3, 8)
-    want = block(s)
-    graph, spec, values = traced(block, s)
-    updates = find_residual_updates(graph, block, spec.stream_placeholder(), "test block")
-    rewrite_block_graph(graph, updates)
+    block, want, graph, values, updates = rewritten(make, seed=0)
     targets = [n.target for n in graph.nodes if n.op == "call_method"]
     assert targets.count("contract") == targets.count("expand") == len(updates)
     names = {n.name for n in graph.nodes}
@@ -149,13 +155,7 @@ def test_rewrite_preserves_the_block_with_identity_ghcs(make):
 
 
 def test_fuse_write_read_fuses_adjacent_pairs_only():
-    torch.manual_seed(1)
-    block = PreNormBlock()
-    s = torch.randn(2, 3, 8)
-    want = block(s)
-    graph, spec, values = traced(block, s)
-    updates = find_residual_updates(graph, block, spec.stream_placeholder(), "test block")
-    rewrite_block_graph(graph, updates)
+    block, want, graph, values, updates = rewritten(PreNormBlock, seed=1)
     unfused = copy.deepcopy(graph)
     assert fuse_write_read(graph) is True
     targets = [n.target for n in graph.nodes if n.op == "call_method"]
