@@ -18,8 +18,8 @@ Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
 * ``compiled`` (120): the same step under ``torch.compile`` for the baseline and r=1.5 (reference and ours).
 
 Each stage writes ``DIR/<stage>.json`` and ``DIR/<stage>.log``, and its rows as they finish to
-``DIR/<stage>.partial.json``, so a stage stopped at its timeout (first native compiles of the large padded kernels
-can take tens of seconds each) still reports what it finished; ``--timeout STAGE=SECONDS`` overrides one. The
+``DIR/<stage>.partial.json``, so a stage stopped at its timeout (a first native compile can take tens of
+seconds) still reports what it finished; ``--timeout STAGE=SECONDS`` overrides one. The
 parent prints one compact table last, writes it to ``DIR/summary.md`` and appends it, with the device and
 versions, to ``benchmarks/RESULTS.md``.
 

@@ -12,7 +12,8 @@ Rows: :data:`MEASURED` (``shared/spec/gpu-kernels.md`` section 0). A row applies
 * the slot width ``d = D/m`` is within a factor 2 of the measured one and the call has at least a quarter of
   the measured tokens (decode-sized calls, where launch latency dominates, were not measured);
 * the Triton kernel that would run is the one that was measured (:func:`kernel_id`): a rewritten kernel
-  starts unmeasured (so the FMA write kernels, not yet measured on a GPU, are never picked by ``auto``).
+  starts unmeasured (so the FMA and tensor-core kernels, not yet measured on a GPU, are never picked by
+  ``auto``).
 """
 
 from __future__ import annotations
@@ -21,33 +22,31 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KERNEL_IDS", "MEASURED", "MEASURED_ON", "Measurement", "auto_choice", "base_op", "kernel_id"]
+__all__ = ["MEASURED", "MEASURED_ON", "OPS", "Measurement", "auto_choice", "base_op", "kernel_id"]
 
 MEASURED_ON = "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 2026-11-28"
 
-# The Triton kernel each op dispatches to under VWN_IMPL=triton; a measurement only counts for the kernel it
-# measured. "padded-dot-v1": the first kernels (3-D tiles padded to 16 slots, tl.dot in fp32); "fma-v1": unrolled
-# FMAs on per-slot tiles (kernels/triton_write_fma.py, kernels/triton_read_fma.py), for m <= n <= FMA_MAX_N (the
-# dynamic read and the fused write+read only where triton_read_fma.supports_dynamic; elsewhere the fused
-# write+read's backward still runs the FMA write backward: "padded-dot-v1+fma-v1").
-KERNEL_IDS = {
-    "read_dynamic": "padded-dot-v1",
-    "read_static": "padded-dot-v1",
-    "write": "padded-dot-v1",
-    "write_read_dynamic": "padded-dot-v1",
-}
-FMA_KERNEL_IDS = {"write": "fma-v1", "write_read_dynamic": "padded-dot-v1+fma-v1"}
+OPS = ("read_dynamic", "read_static", "write", "write_read_dynamic")
 
 
 def kernel_id(op: str, m: int, n: int) -> str:
-    """Which Triton kernel ``VWN_IMPL=triton`` runs for ``op`` at (m, n)."""
+    """Which Triton kernel ``VWN_IMPL=triton`` runs for ``op`` at (m, n); a measurement only counts for the kernel
+    it measured. "fma-v1": unrolled FMAs on per-slot tiles (``kernels/triton_write_fma.py``,
+    ``kernels/triton_read_fma.py``) for ``m <= n <= FMA_MAX_N`` (the dynamic read only where its gate values fit
+    in registers); "tc-v1": the tensor-core kernels (``kernels/triton_tc.py``) everywhere else. The write+read of
+    adjacent sublayers is the write then the dynamic read: "fma-v1+tc-v1" where the two come from different
+    families. (The rows of :data:`MEASURED` measured "padded-dot-v1", the first kernels, since removed.)"""
     from .triton_common import fma_dynamic_read_supports, fma_supports
 
-    if not fma_supports(n, m):
-        return KERNEL_IDS[op]
-    if op == "read_static" or (op in ("read_dynamic", "write_read_dynamic") and fma_dynamic_read_supports(n, m)):
-        return "fma-v1"
-    return FMA_KERNEL_IDS.get(op, KERNEL_IDS[op])
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    mixing = "fma-v1" if fma_supports(n, m) else "tc-v1"
+    gates = "fma-v1" if fma_dynamic_read_supports(n, m) else "tc-v1"
+    if op in ("write", "read_static"):
+        return mixing
+    if op == "read_dynamic":
+        return gates
+    return mixing if mixing == gates else f"{mixing}+{gates}"
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Measurement:
     dtype: torch.dtype
     D: int  # backbone width: slot width d = D / m
     tokens: int
-    kernel: str  # KERNEL_IDS value of the Triton kernel measured
+    kernel: str  # kernel_id() of the Triton kernel measured
     reference_ms: tuple[float, float]  # eager reference: forward, forward+backward (do_bench median)
     triton_ms: tuple[float, float]
 
@@ -75,8 +74,10 @@ def _row(op, m, n, reference_ms, triton_ms):
     return Measurement(op, m, n, torch.bfloat16, 2048, 16384, "padded-dot-v1", reference_ms, triton_ms)
 
 
-# shared/spec/gpu-kernels.md section 0 (H200, 16384 tokens, D=2048, bf16). Only read_static at (8, 64) was
-# faster forward+backward (2.51 vs 5.06 ms). read_static at (2, 3) was faster forward only (0.60 vs 1.07 ms) and
+# shared/spec/gpu-kernels.md section 0 (H200, 16384 tokens, D=2048, bf16), all of the padded tl.dot kernels that
+# the FMA and tensor-core kernels replaced: so none applies now, and auto runs the reference everywhere until
+# benchmarks/gpu_check.py measures the kernels that ship. Only read_static at (8, 64) was faster forward+backward
+# (2.51 vs 5.06 ms). read_static at (2, 3) was faster forward only (0.60 vs 1.07 ms) and
 # slower forward+backward (3.88 vs 3.31 ms), so it stays on the reference.
 MEASURED: tuple[Measurement, ...] = (
     _row("read_dynamic", 2, 3, (1.42, 2.87), (1.60, 5.89)),

@@ -1,16 +1,14 @@
-"""Shared pieces of the fused Triton GHC kernels: when they may run, block sizes, input checks.
+"""Shared pieces of the fused Triton GHC kernels: when they may run, input checks, launch helpers.
 
 Layout conventions of every kernel (token-major, contiguous):
 
 * ``h`` ``[N, n, d]`` over-width state, ``x``/``z`` ``[N, m, d]`` backbone-width tensors (model dtype);
 * coefficients in fp32: per token ``[N, n, n]`` / ``[N, n, m]`` or static ``[n, n]`` / ``[n, m]``.
 
-The padded ``tl.dot`` kernels ("padded-dot-v1": the reads, the fused write+read, the write for n > 8): a program
-owns ``BT`` tokens and walks the slot width ``d`` in chunks of ``BD``; slots are padded to powers of two of at
-least 16 (``NP`` for n, ``MP`` for m) so every small product is a ``tl.dot``. All mixing and accumulation runs
-in fp32 (``input_precision="ieee"``: no TF32 rounding, which also means FMAs, not tensor cores, on GPU; the
-static gate shows they spill, ``benchmarks/NOTES.md``). The FMA kernels (``triton_write_fma.py``, n <=
-``FMA_MAX_N``) unroll the slots instead, on per-slot 2-D tiles.
+Two kernel families: the FMA kernels (``triton_write_fma.py``, ``triton_read_fma.py``: per-slot 2-D tiles, unrolled
+FMAs, for ``m <= n <= FMA_MAX_N``) and the tensor-core kernels (``triton_tc.py``: per token ``tl.dot`` with the
+slot counts padded to 16 by masked loads) for the rest; ``triton_ops.py`` dispatches between them. All mixing and
+accumulation runs in fp32.
 
 Triton runs natively on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (set before triton is
 imported), which is how CI tests these kernels.
@@ -24,7 +22,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_M, MAX_N = 16, 64
-FMA_MAX_N = 8  # slot counts up to this run the FMA kernels (triton_*_fma.py), larger ones the padded tl.dot ones
+FMA_MAX_N = 8  # slot counts up to this run the FMA kernels (triton_*_fma.py), larger ones the tensor-core ones
 # the FMA dynamic read holds n * (2m + n) per-token gate values in registers: above this it spills on sm_90
 # (benchmarks/kernel_static_check.py: (2, 8) = 96 compiles clean, (8, 8) = 192 spills KBs)
 DYNAMIC_MAX_GATES = 96
@@ -63,6 +61,7 @@ def why_not_runnable(t: torch.Tensor) -> str | None:
 
 
 def pow2(x: int, floor: int = 16) -> int:
+    """The smallest power of two >= max(x, floor): a padded slot count (``tl.dot`` sides are at least 16)."""
     p = floor
     while p < x:
         p *= 2
@@ -74,21 +73,10 @@ def check_slots(n: int, m: int) -> None:
         raise ValueError(f"the Triton GHC kernels support m <= {MAX_M} and n <= {MAX_N}, got (m, n) = ({m}, {n})")
 
 
-def blocks(n: int, d: int, native: bool | None = None) -> tuple[int, int]:
-    """(BT tokens per program, BD slot-width chunk) of the padded tl.dot kernels. The interpreter costs ~1 ms per
-    program instance, so it gets large blocks; on GPU about 128 rows of [BT * NP, BD] per program (what the
-    static gate compiles: ``native=True``)."""
-    np_ = pow2(n)
-    if not native and (native is not None or interpreting()):
-        return 128, pow2(d)
-    return max(1, 128 // np_), min(64, pow2(d))
-
-
 def contiguous3(t: torch.Tensor, slots: int, d: int, name: str) -> torch.Tensor:
     if t.dim() != 3 or t.shape[1] != slots or t.shape[2] != d:
         raise ValueError(f"{name} must have shape [N, {slots}, {d}], got {list(t.shape)}")
     return t.contiguous()
-
 
 
 def state_view(h: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, int, int]:

@@ -294,7 +294,8 @@ def configs(n: int, m: int, d: int) -> dict[str, dict]:
         "mix_fwd": dict(BT=interpreter_bt(max(1, 8 * 32 * 4 // bd_full)), BD=bd_full, num_warps=4, num_stages=1),
         "mix_bwd": walk(4, 128, 4),
         "dynamic_fwd": walk(4, 256 if gates <= 24 else 128 if gates <= 48 else 64, 4),
-        "dynamic_bwd_coef": walk(4, 256, 4),
+        # 8 warps: with 4, ptxas spilled 8-16 B at 72 registers at (2, 3) fp32, (4, 4) fp32 and (2, 8)
+        "dynamic_bwd_coef": walk(8, 256, 8),
         "dynamic_bwd_state": walk(4, 128 if gates <= 24 else 64, 4),
     }
 
@@ -406,10 +407,10 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
     return (g_h, grads[1], grads[0]) + grads[2:]
 
 
-def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
+def static_gate_specs(n: int, m: int, d: int, dtype: str, dynamic: bool | None = None) -> list[dict]:
     """What ``benchmarks/kernel_static_check.py`` compiles for this (n, m, d, state dtype): every kernel of this
-    module as :func:`read_static` / :func:`read_dynamic` and their backwards launch it (the dynamic read only
-    where :func:`supports_dynamic`)."""
+    module as :func:`read_static` / :func:`read_dynamic` and their backwards launch it (the dynamic read where
+    :func:`supports_dynamic`, or as ``dynamic`` says)."""
     ptr, f32 = f"*{dtype}", "*fp32"
     cfg = configs(n, m, d)
 
@@ -425,7 +426,7 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
         spec("read_static_bwd", _read_fma_bwd,
              dict(h_ptr=ptr, read_ptr=f32, gx_ptr=ptr, gh_ptr=ptr, gread_ptr=f32, N=16384, d=d), "mix_bwd"),
     ]
-    if not supports_dynamic(n, m):
+    if not (supports_dynamic(n, m) if dynamic is None else dynamic):
         return specs
     return specs + [
         spec("read_dynamic_fwd", _read_dynamic_fma_fwd,

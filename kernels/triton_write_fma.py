@@ -130,8 +130,9 @@ def fwd_config(n: int, m: int, d: int) -> dict:
 def bwd_config(n: int, m: int, d: int) -> dict:
     """Launch parameters of the backward: one token per warp (BT = 4 warps), so each per-token coefficient
     gradient accumulator costs one register per thread; BD 256 (n <= 4), 128 (up to 96 accumulators n(n+m)) or
-    64 ((8, 8): 128 accumulators; BD 128 spilled 12 B in fp32) of the slot width per step of the loop over d."""
-    bd = 256 if n <= 4 else 128 if n * (n + m) <= 96 else 64
+    32 ((8, 8): 128 accumulators; BD 128 spilled 12 B in fp32, BD 64 96 B in bf16) of the slot width per step of
+    the loop over d."""
+    bd = 256 if n <= 4 else 128 if n * (n + m) <= 96 else 32
     bd = min(bd, max(16, triton.next_power_of_2(d)))
     return dict(BT=interpreter_bt(4), BD=bd, num_warps=4, num_stages=1)
 

@@ -18,8 +18,9 @@ from vwn_transform.kernels.measured import auto_choice
 from vwn_transform.kernels.triton_common import interpreting
 from vwn_transform.models import GPT, GPTConfig
 
-SLOTS = [(1, 4), (2, 3), (4, 4), (8, 64)]  # (m, n)
-TOKENS = [1, 577]
+# (m, n, N): the FMA kernels (n <= 8) at 577 tokens, the tensor-core ones (n > 8), which the interpreter runs a
+# token at a time (~0.1-0.2 s each at (8, 64)), at 37 (several programs natively, a ragged last one)
+CASES = [(1, 4, 1), (1, 4, 577), (2, 3, 1), (2, 3, 577), (4, 4, 1), (4, 4, 577), (8, 64, 1), (8, 64, 37)]
 WIDTHS = [24, 40]  # slot widths d that are not powers of two
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -93,8 +94,7 @@ def kernel_cases(N, m, n, d, dtype, seed=0):
     return want, got, exact
 
 
-@pytest.mark.parametrize("m,n", SLOTS)
-@pytest.mark.parametrize("N", TOKENS)
+@pytest.mark.parametrize("m,n,N", CASES)
 @pytest.mark.parametrize("d", WIDTHS)
 def test_kernels_match_reference_fp32(m, n, N, d, monkeypatch):
     with nan_poisoned_outputs(monkeypatch):
@@ -107,10 +107,10 @@ def test_kernels_match_reference_fp32(m, n, N, d, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,n", [(2, 3), (8, 64)])
-def test_kernels_low_precision_within_twice_the_reference_error(dtype, m, n, monkeypatch):
+@pytest.mark.parametrize("m,n,N", [(2, 3, 577), (8, 64, 37)])
+def test_kernels_low_precision_within_twice_the_reference_error(dtype, m, n, N, monkeypatch):
     with nan_poisoned_outputs(monkeypatch):
-        want, got, exact = kernel_cases(577, m, n, 40, dtype, seed=3)
+        want, got, exact = kernel_cases(N, m, n, 40, dtype, seed=3)
     for name in want:
         for i, (w, g, e) in enumerate(zip(want[name], got[name], exact[name])):
             assert g.dtype == w.dtype and torch.isfinite(g).all(), (name, i)
@@ -161,8 +161,9 @@ def test_custom_op_gradients_by_name(m, n, N, d, dynamic):
 
 
 def test_training_parity_three_steps():
-    """r=4 (2, 8): the FMA dynamic read at its largest gate count. Tolerance: 1e-5 on losses and parameters in fp32. Adam turns gradient rounding differences into update
-    differences of up to ~lr per step for near-zero gradients, so the learning rate is kept at 1e-3."""
+    """r=4 (2, 8): the FMA dynamic read at its largest gate count. Tolerance: 1e-5 on losses and parameters in
+    fp32. Adam turns gradient rounding differences into update differences of up to ~lr per step for near-zero
+    gradients, so the learning rate is kept at 1e-3."""
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     torch.manual_seed(0)
     base = GPT(cfg)
@@ -296,6 +297,58 @@ def test_fma_reads_match_reference(m, n, N, d, dtype, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(again, got["read_dynamic"][4:]))
 
 
+@pytest.mark.parametrize("m,n,N,d", [(3, 12, 9, 300), (8, 8, 9, 24), (16, 64, 3, 24), (8, 33, 5, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
+    """The tensor-core kernels (kernels/triton_tc.py) on their own, outputs NaN-poisoned: write + carry (per-token
+    and static coefficients, forward and backward), static read, dynamic read forward and backward, also with an
+    incoming dL/dH added in the kernel (the fused write+read); against fp64, within twice the reference's own
+    error (fp32: at least 2e-5). Odd slot counts (12 and 33 pad to 16 and 64), the largest (16, 64), n = m at
+    (8, 8) (where the dispatcher sends the dynamic read here), d=300 (several chunks, ragged last). Static and
+    parameter gradients are fixed-order sums of partials: bitwise reproducible."""
+    from vwn_transform.kernels import triton_tc as tc
+
+    h, p = make_inputs(N, m, n, d, dtype, seed=51)
+    g = torch.Generator().manual_seed(52)
+    gx, z = (torch.randn(N, m, d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    gout, g_in = (torch.randn(N, n, d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    gcc, cc = (torch.randn(N, n, n, generator=g).to(DEVICE) for _ in range(2))
+    gwc, wc = (torch.randn(N, n, m, generator=g).to(DEVICE) for _ in range(2))
+    args = tuple(p[k] for k in OP_INPUTS[1:]) + (1e-6,)
+    stats = ref.read_dynamic(h, *args)[3]  # both backwards from the same statistics
+
+    def run(lib, cast):
+        hh, zz, gg, gxx = cast(h), cast(z), cast(gout), cast(gx)
+        out = {"write": (lib.write(hh, zz, cc, wc),) + lib.write_backward(hh, zz, cc, wc, gg),
+               "write_static": ((lib.write(hh, zz, p["carry"], p["write"].t()),)
+                                + lib.write_backward(hh, zz, p["carry"], p["write"].t(), gg)),
+               "read_static": (lib.read_static(hh, p["read"]),) + lib.read_static_backward(hh, p["read"], gxx),
+               "read_dynamic": lib.read_dynamic(hh, *args) + lib.read_dynamic_backward(hh, *args, stats, gxx, gcc,
+                                                                                         gwc)}
+        if lib is tc:
+            gh_in = lib.read_dynamic_backward(hh, *args, stats, gxx, gcc, gwc, grad_in=cast(g_in))[0]
+        else:
+            gh_in = lib.read_dynamic_backward(hh, *args, stats, gxx, gcc, gwc)[0].double() + cast(g_in).double()
+        out["read_dynamic_grad_in"] = (gh_in,)
+        return out
+
+    with nan_poisoned_outputs(monkeypatch):
+        got = run(tc, lambda t: t)
+    want, exact = run(ref, lambda t: t), run(ref, lambda t: t.double())
+    for name in want:
+        for i, (a, w, e) in enumerate(zip(got[name], want[name], exact[name])):
+            assert a.shape == w.shape and (a.dtype == w.dtype or name.endswith("grad_in")), (name, i)
+            assert torch.isfinite(a).all(), f"{name}[{i}] has unwritten (NaN) entries"
+            # against fp64: a sum over tokens that cancels is a few 1e-5 off in the fp32 reference too (at (1, 1),
+            # 3 tokens, dL/dscale_read, one sum of 3 products ~1, cancelled to 1e-3: ill-conditioned for both)
+            limit = max(2e-5, 2 * rel_err(w, e)) if dtype == torch.float32 else 2 * rel_err(w, e) + 1e-6
+            assert rel_err(a, e) <= limit, (name, i, rel_err(a, e), rel_err(w, e))
+    again = tc.read_dynamic_backward(h, *args, stats, gx, gcc, gwc)
+    assert all(torch.equal(a, b) for a, b in zip(again, got["read_dynamic"][4:]))
+    again = tc.write_backward(h, z, p["carry"], p["write"].t(), gout)
+    assert all(torch.equal(a, b) for a, b in zip(again, got["write_static"][1:]))
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
                     reason="runs the kernels on CPU tensors, i.e. through the Triton interpreter")
 def test_dispatch_is_explicit(monkeypatch):
@@ -320,48 +373,51 @@ def test_dispatch_is_explicit(monkeypatch):
         ops.set_impl(None)
 
 
+PADDED = {op: "padded-dot-v1" for op in measured.OPS}  # the kernels the table's rows measured
+
+
 def test_auto_follows_the_measured_table():
-    """VWN_IMPL=auto on CUDA: Triton only where the measured table says it beat the reference forward+backward
-    (read_static at (8, 64) bf16 on the H200), for forward and backward alike; everything else the reference."""
+    """VWN_IMPL=auto on CUDA: Triton only where the measured table says the kernel that runs beat the reference
+    forward+backward, for forward and backward alike; everything else the reference. The rows measured the padded
+    tl.dot kernels ("padded-dot-v1"), since replaced: with those ids (``kernel_ids``) read_static at (8, 64) bf16
+    is the one row where Triton won; with the kernels that ship now, no row applies."""
     bf16 = torch.bfloat16
-    choice, why = auto_choice("ghc_read_static", 8, 64, bf16, 256, 16384)
+    choice, why = auto_choice("ghc_read_static", 8, 64, bf16, 256, 16384, PADDED)
     assert choice == "triton" and "2.51 ms vs reference 5.06 ms" in why and "H200" in why
-    assert auto_choice("ghc_read_static_backward", 8, 64, bf16, 256, 16384)[0] == "triton"
-    assert auto_choice("ghc_read_static", 8, 64, bf16, 512, 65536)[0] == "triton"  # within the size bucket
-    padded = measured.KERNEL_IDS  # the kernels the (2, 3) rows measured, since replaced by the FMA kernels there
+    assert auto_choice("ghc_read_static_backward", 8, 64, bf16, 256, 16384, PADDED)[0] == "triton"
+    assert auto_choice("ghc_read_static", 8, 64, bf16, 512, 65536, PADDED)[0] == "triton"  # within the size bucket
     for call in [("ghc_write_backward", 8, 64, bf16, 256, 16384),
                  ("ghc_read_dynamic", 2, 3, bf16, 1024, 16384),
                  ("ghc_read_static", 2, 3, bf16, 1024, 16384)]:  # faster forward only: forward+backward decides
-        choice, why = auto_choice(*call, padded)
+        choice, why = auto_choice(*call, PADDED)
         assert choice == "reference" and why.startswith("measured slower"), call
     for call, says in [(("ghc_write_read_dynamic", 2, 3, bf16, 1024, 16384), "no measurement"),
                        (("ghc_read_static", 8, 64, torch.float32, 256, 16384), "no measurement"),
                        (("ghc_read_static", 8, 16, bf16, 256, 16384), "no measurement"),
                        (("ghc_read_static", 8, 64, bf16, 256, 1), "not near"),
                        (("ghc_read_static", 8, 64, bf16, 4096, 16384), "not near")]:
-        choice, why = auto_choice(*call)
+        choice, why = auto_choice(*call, PADDED)
         assert choice == "reference" and says in why, (call, why)
-    # the write at (2, 3) was measured slower with the padded tl.dot kernel; the FMA kernel that replaced it there
-    # is unmeasured, so auto stays on the reference until a GPU run adds a row for it
-    for op in ("ghc_write", "ghc_read_dynamic_backward", "ghc_read_static"):
-        choice, why = auto_choice(op, 2, 3, bf16, 1024, 16384)
-        assert choice == "reference" and "'padded-dot-v1', which is no longer the one that runs ('fma-v1'" in why
-    assert measured.kernel_id("write", 8, 64) == "padded-dot-v1" and measured.kernel_id("write", 2, 8) == "fma-v1"
+    # the kernels that ship are unmeasured: auto stays on the reference until a GPU run adds their rows
+    for op, m, n, d, now in [("ghc_write", 2, 3, 1024, "fma-v1"), ("ghc_read_dynamic_backward", 2, 3, 1024, "fma-v1"),
+                             ("ghc_read_static", 8, 64, 256, "tc-v1"), ("ghc_write", 8, 64, 256, "tc-v1")]:
+        choice, why = auto_choice(op, m, n, bf16, d, 16384)
+        assert choice == "reference" and f"'padded-dot-v1', which is no longer the one that runs ('{now}'" in why
+    assert measured.kernel_id("write", 8, 64) == "tc-v1" and measured.kernel_id("write", 2, 8) == "fma-v1"
     # the FMA dynamic read (and the write+read built on it) only where its n(2m+n) gate values fit in registers
     assert measured.kernel_id("read_dynamic", 2, 8) == measured.kernel_id("write_read_dynamic", 2, 3) == "fma-v1"
-    assert measured.kernel_id("read_dynamic", 8, 8) == "padded-dot-v1"
-    assert measured.kernel_id("write_read_dynamic", 8, 8) == "padded-dot-v1+fma-v1"
-    assert measured.kernel_id("read_static", 8, 8) == "fma-v1" and measured.kernel_id("read_static", 3, 2) == \
-        "padded-dot-v1"
-    rewritten = dict(measured.KERNEL_IDS, read_static="something-new")
-    choice, why = auto_choice("ghc_read_static", 8, 64, bf16, 256, 16384, rewritten)
-    assert choice == "reference" and "no longer the one" in why
-    for row in measured.MEASURED:  # the table says where it was measured
-        assert row.kernel in set(measured.KERNEL_IDS.values()) | {"padded-dot-v1"}
+    assert measured.kernel_id("read_dynamic", 8, 8) == "tc-v1"
+    assert measured.kernel_id("write_read_dynamic", 8, 8) == "fma-v1+tc-v1"
+    assert measured.kernel_id("read_static", 8, 8) == "fma-v1" and measured.kernel_id("read_static", 3, 2) == "tc-v1"
+    with pytest.raises(ValueError, match="unknown op 'read'"):
+        measured.kernel_id("read", 2, 3)
+    for row in measured.MEASURED:  # the table says what it measured
+        assert row.kernel == "padded-dot-v1"
 
 
 def test_auto_dispatch_on_cuda_uses_the_table(monkeypatch):
-    """ops._resolve with VWN_IMPL=auto on a (stand-in) CUDA state: the table's choice and reason are recorded."""
+    """ops._resolve with VWN_IMPL=auto on a (stand-in) CUDA state: the table's choice and reason are recorded
+    (with the measured kernels standing in for the ones that run, so that a row says Triton)."""
     from types import SimpleNamespace
 
     def cuda_state(tokens, n, d, dtype):
@@ -371,6 +427,9 @@ def test_auto_dispatch_on_cuda_uses_the_table(monkeypatch):
     monkeypatch.setattr(ops, "_triton_obstacle", lambda *args: None)
     monkeypatch.setenv("VWN_IMPL", "auto")
     ops.reset_implementations_used()
+    assert ops._resolve("ghc_read_static", cuda_state(16384, 64, 256, torch.bfloat16), (64, 8)) is ref
+    assert "no longer the one that runs" in ops.implementations_used(reasons=True)["ghc_read_static"][1]
+    monkeypatch.setattr(measured, "kernel_id", lambda op, m, n: "padded-dot-v1")
     assert ops._resolve("ghc_read_static", cuda_state(16384, 64, 256, torch.bfloat16), (64, 8)) is tri
     assert ops._resolve("ghc_write", cuda_state(16384, 64, 256, torch.bfloat16), (64, 8)) is ref
     used = ops.implementations_used(reasons=True)

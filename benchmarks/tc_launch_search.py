@@ -1,0 +1,75 @@
+"""Search the launch parameters of the tensor-core GHC kernels (``kernels/triton_tc.py``) without a GPU: for each
+padded slot count NP in {16, 32, 64} (m <= 16 always pads to MP = 16), operand kind (bf16; fp32 for fp32/fp16
+states) and kernel, compile candidate (BD, num_warps) pairs for sm_90a, widest chunk first, and keep the first
+that has no spills and at most 100 KB of shared memory per program (``kernel_static_check.compile_one``). Prints
+the table that ``triton_tc.LAUNCH`` holds.
+
+    python benchmarks/tc_launch_search.py            # ~10 minutes on 2 cores
+    python benchmarks/tc_launch_search.py --np 64 --operands bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import kernel_static_check as gate  # noqa: E402
+
+CANDIDATES = [(256, 4), (128, 4), (128, 8), (64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8)]
+# a representative (m, n) per padded slot count: the largest n that pads to it (the masks are the only difference)
+SHAPES = {16: (8, 16), 32: (8, 32), 64: (8, 64)}
+
+
+def search(np_: int, operands: str, D: int = 2048) -> dict[str, tuple[int, int]]:
+    from vwn_transform.kernels import triton_tc
+
+    m, n = SHAPES[np_]
+    dtype = "bf16" if operands == "bf16" else "fp32"
+    specs = triton_tc.static_gate_specs(n, m, D // m, dtype)
+    chosen = {}
+    for key in triton_tc.LAUNCH_KEYS:
+        variants = [s for s in specs if s["launch"] == key]  # e.g. the write's static and dynamic kernels
+        for bd, warps in CANDIDATES:
+            if np_ * bd > 8192:
+                continue
+            ok = True
+            for spec in variants:
+                spec = dict(spec, num_warps=warps, constexprs=dict(spec["constexprs"], BD=bd))
+                r = gate.compile_one(spec)
+                ok = (r.get("spill_stores") == 0 and r.get("spill_loads") == 0
+                      and r.get("smem_bytes", 1 << 30) <= gate.SMEM_LIMIT)
+                print(f"  NP={np_} {operands} {spec['kernel']} BD={bd} warps={warps}: {r.get('registers')} regs, "
+                      f"{r.get('spill_stores')} B spill, {r.get('smem_bytes')} B smem", file=sys.stderr, flush=True)
+                if not ok:
+                    break
+            if ok:
+                chosen[key] = (bd, warps)
+                break
+        else:
+            chosen[key] = None
+    return chosen
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--np", type=int, action="append", choices=sorted(SHAPES), default=None)
+    ap.add_argument("--operands", action="append", choices=("bf16", "fp32"), default=None)
+    args = ap.parse_args(argv)
+    missing = False
+    print("LAUNCH = {")
+    for np_ in args.np or sorted(SHAPES):
+        for operands in args.operands or ("bf16", "fp32"):
+            chosen = search(np_, operands)
+            missing |= any(v is None for v in chosen.values())
+            print(f"    ({np_}, {operands == 'bf16'}): {chosen},", flush=True)
+    print("}")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
