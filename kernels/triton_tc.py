@@ -114,7 +114,7 @@ def _data_data(a, b, acc):
 @triton.jit
 def _write_tc_fwd(h_ptr, z_ptr, carry_ptr, write_ptr, out_ptr, N, d,
                   NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, STATIC: tl.constexpr,
-                  TPP: tl.constexpr, BD: tl.constexpr):
+                  TPP: tl.constexpr, BD: tl.constexpr, PARTS: tl.constexpr):
     pid = tl.program_id(0)
     j = tl.arange(0, NP)  # slot of H / H'
     i = tl.arange(0, MP)  # slot of Z
@@ -139,8 +139,8 @@ def _write_tc_fwd(h_ptr, z_ptr, carry_ptr, write_ptr, out_ptr, N, d,
             dm = (dd < d)[None, :]
             h = tl.load(h_ptr + h_rows + dd[None, :], mask=jm[:, None] & dm, other=0.0)  # [NP, BD]
             z = tl.load(z_ptr + z_rows + dd[None, :], mask=im[:, None] & dm, other=0.0)  # [MP, BD]
-            acc = _coef_data(carry_t, h, tl.zeros([NP, BD], dtype=tl.float32), 2, True)
-            acc = _coef_data(write_c, z, acc, 2, True)
+            acc = _coef_data(carry_t, h, tl.zeros([NP, BD], dtype=tl.float32), PARTS, True)
+            acc = _coef_data(write_c, z, acc, PARTS, True)
             tl.store(out_ptr + h_rows + dd[None, :], to_output(acc, out_ptr), mask=jm[:, None] & dm)
 
 
@@ -190,8 +190,9 @@ def _write_tc_bwd(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gca
             tl.store(gwrite_ptr + t64 * (NS * MS) + j[:, None] * MS + i[None, :], g_wc,
                      mask=jm[:, None] & im[None, :])
     if STATIC:  # one partial per program: [programs, n, n] / [programs, n, m]
-        tl.store(gcarry_ptr + pid * (NS * NS) + c_offs, g_cc, mask=c_mask)
-        tl.store(gwrite_ptr + pid * (NS * MS) + j[:, None] * MS + i[None, :], g_wc, mask=jm[:, None] & im[None, :])
+        pid64 = tl.cast(pid, tl.int64)
+        tl.store(gcarry_ptr + pid64 * (NS * NS) + c_offs, g_cc, mask=c_mask)
+        tl.store(gwrite_ptr + pid64 * (NS * MS) + j[:, None] * MS + i[None, :], g_wc, mask=jm[:, None] & im[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def _read_tc_fwd(h_ptr, read_ptr, x_ptr, N, d, NS: tl.constexpr, MS: tl.constexp
 
 @triton.jit
 def _read_tc_bwd(h_ptr, read_ptr, gx_ptr, gh_ptr, gread_ptr, N, d, NS: tl.constexpr, MS: tl.constexpr,
-                 NP: tl.constexpr, MP: tl.constexpr, TPP: tl.constexpr, BD: tl.constexpr):
+                 NP: tl.constexpr, MP: tl.constexpr, TPP: tl.constexpr, BD: tl.constexpr, PARTS: tl.constexpr):
     pid = tl.program_id(0)
     j = tl.arange(0, NP)
     i = tl.arange(0, MP)
@@ -237,10 +238,10 @@ def _read_tc_bwd(h_ptr, read_ptr, gx_ptr, gh_ptr, gread_ptr, N, d, NS: tl.conste
             dm = (dd < d)[None, :]
             h = tl.load(h_ptr + h_rows + dd[None, :], mask=jm[:, None] & dm, other=0.0)
             gx = tl.load(gx_ptr + x_rows + dd[None, :], mask=im[:, None] & dm, other=0.0)
-            g_h = _coef_data(read, gx, tl.zeros([NP, BD], dtype=tl.float32), 2, True)
+            g_h = _coef_data(read, gx, tl.zeros([NP, BD], dtype=tl.float32), PARTS, True)
             tl.store(gh_ptr + h_rows + dd[None, :], to_output(g_h, gh_ptr), mask=jm[:, None] & dm)
             g_read = _data_data(h, tl.trans(gx), g_read)
-    tl.store(gread_ptr + pid * (NS * MS) + r_offs, g_read, mask=r_mask)
+    tl.store(gread_ptr + tl.cast(pid, tl.int64) * (NS * MS) + r_offs, g_read, mask=r_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,7 +379,7 @@ def _read_dynamic_tc_bwd_coef(h_ptr, gx_ptr, gcarry_ptr, gwrite_ptr, stats_ptr, 
         g_inv = (tl.sum(gl_r * logit_r, axis=1) + tl.sum(gl_c * logit_c, axis=1) + tl.sum(gl_w * logit_w, axis=1))
         tl.store(rowscale_ptr + t64 * NS + j[:, None], g_inv[:, None] * inv_rms * inv_rms * (-1.0 / d),
                  mask=jm[:, None])
-    out = pid * (NS * K)
+    out = tl.cast(pid, tl.int64) * (NS * K)
     tl.store(gstatic_ptr + out + offs_r, gs_r, mask=mask_r)
     tl.store(gstatic_ptr + out + offs_c, gs_c, mask=mask_c)
     tl.store(gstatic_ptr + out + offs_w, gs_w, mask=mask_r)
@@ -390,7 +391,7 @@ def _read_dynamic_tc_bwd_coef(h_ptr, gx_ptr, gcarry_ptr, gwrite_ptr, stats_ptr, 
 @triton.jit
 def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, wgt_ptr, gin_ptr, gh_ptr, gwg_ptr,
                                N, d, NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
-                               G_IN: tl.constexpr, BD: tl.constexpr, WHICH: tl.constexpr):
+                               G_IN: tl.constexpr, BD: tl.constexpr, WHICH: tl.constexpr, PARTS: tl.constexpr):
     """Grid (token groups, slot-width chunks): group g walks tokens g, g + groups, ... at its chunk. Launched twice
     (``WHICH``): ``"dh"`` writes ``dL/dH = Read gX + g_u wg^T + rowscale H (+ dL/dH' incoming)``; ``"dwg"`` sums
     ``dL/dwg^T = g_u^T H`` over the group's tokens into one partial. Both in one program held the [n, n] gate
@@ -430,7 +431,7 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
             acc = rowscale * h.to(tl.float32)
             if G_IN:
                 acc += tl.load(gin_ptr + h_offs, mask=hmask, other=0.0).to(tl.float32)
-            acc = _coef_data(read_c, gx, acc, 2, True)  # Read gX
+            acc = _coef_data(read_c, gx, acc, PARTS, True)  # Read gX
             acc = tl.dot(gu_r, wgt_r, acc, input_precision="tf32x3")  # g_u wg^T, fp32 x fp32
             acc = tl.dot(gu_c, wgt_c, acc, input_precision="tf32x3")
             acc = tl.dot(gu_w, wgt_w, acc, input_precision="tf32x3")
@@ -440,7 +441,7 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
             gwg_c = _coef_data(tl.trans(gu_c), h, gwg_c, 3, True)
             gwg_w = _coef_data(tl.trans(gu_w), h, gwg_w, 3, True)
     if WHICH == "dwg":
-        out = group * (K * d)
+        out = tl.cast(group, tl.int64) * (K * d)
         tl.store(gwg_ptr + out + i[:, None] * d + dd[None, :], gwg_r, mask=im[:, None] & dm)
         tl.store(gwg_ptr + out + (MS + j[:, None]) * d + dd[None, :], gwg_c, mask=hmask)
         tl.store(gwg_ptr + out + (MS + NS + i[:, None]) * d + dd[None, :], gwg_w, mask=im[:, None] & dm)
@@ -492,6 +493,13 @@ def _pads(n: int, m: int) -> dict:
     return dict(NS=n, MS=m, NP=pow2(n), MP=pow2(m))
 
 
+def _parts(out_dtype: torch.dtype) -> int:
+    """bf16 parts of the fp32 coefficients in a product with a bf16 tile (:func:`_coef_data`): 2 (~2^-16) when the
+    result is rounded to a 16-bit dtype anyway, 3 (~2^-24) when it is stored in fp32 (an fp32 state mixed with a
+    bf16 autocast sublayer output)."""
+    return 3 if out_dtype == torch.float32 else 2
+
+
 def _programs(N: int, tpp: int) -> int:
     return max(1, triton.cdiv(N, tpp))
 
@@ -512,8 +520,8 @@ def write(h, z, carry_c, write_c):
     out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N and d:
         cfg = configs(n, m, d, h.dtype == z.dtype == torch.bfloat16)["write_fwd"]
-        _write_tc_fwd[(_programs(N, cfg["TPP"]),)](h, z, cc, wc, out, N, d, STATIC=static, **_pads(n, m),
-                                                   **launch_kwargs(cfg))
+        _write_tc_fwd[(_programs(N, cfg["TPP"]),)](h, z, cc, wc, out, N, d, STATIC=static,
+                                                   PARTS=_parts(out.dtype), **_pads(n, m), **launch_kwargs(cfg))
     return out
 
 
@@ -560,8 +568,8 @@ def read_static_backward(h, read, grad_x):
     g_h = torch.empty_like(h)
     g_read = torch.zeros((programs, n, m), device=h.device, dtype=torch.float32)
     if N:
-        _read_tc_bwd[(programs,)](h, read.float().contiguous(), gx, g_h, g_read, N, d, **_pads(n, m),
-                                  **launch_kwargs(cfg))
+        _read_tc_bwd[(programs,)](h, read.float().contiguous(), gx, g_h, g_read, N, d, PARTS=_parts(h.dtype),
+                                  **_pads(n, m), **launch_kwargs(cfg))
     return g_h, g_read.sum(0).to(read.dtype)  # a fixed-order sum of the programs' partials
 
 
@@ -635,7 +643,8 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
             for which, c, grid in (("dh", dh_cfg, (_state_groups(N, dh_chunks), dh_chunks)),
                                    ("dwg", dwg_cfg, (dwg_groups, dwg_chunks))):
                 kw = {k: v for k, v in launch_kwargs(c).items() if k != "TPP"}
-                _read_dynamic_tc_bwd_state[grid](*args, G_IN=grad_in is not None, WHICH=which, **_pads(n, m), **kw)
+                _read_dynamic_tc_bwd_state[grid](*args, G_IN=grad_in is not None, WHICH=which, PARTS=_parts(h.dtype),
+                                                 **_pads(n, m), **kw)
     g_static, g_scales = g_static.sum(0), g_scales.sum(0)  # [n, K], fixed-order sums of the partials
     g_wg = g_wgt.sum(0).t()  # [d, K]
     gain, w = norm_weight.float(), proj.float()
@@ -645,6 +654,9 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
     grads = tuple(g.to(p.dtype).clone(memory_format=torch.contiguous_format) for g, p in zip(grads, params))
     # reference order: h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write
     return (g_h, grads[1], grads[0]) + grads[2:]
+
+
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
@@ -665,14 +677,15 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
         kind = "static" if static else "dynamic"
         specs.append(spec(f"write_fwd[{kind}]", _write_tc_fwd,
                           dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, out_ptr=ptr, N=16384, d=d),
-                          "write_fwd", STATIC=static))
+                          "write_fwd", STATIC=static, PARTS=_parts(_TORCH_DTYPES[dtype])))
         specs.append(spec(f"write_bwd[{kind}]", _write_tc_bwd,
                           dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
                                gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d), "write_bwd", STATIC=static))
     return specs + [
         spec("read_static_fwd", _read_tc_fwd, dict(h_ptr=ptr, read_ptr=f32, x_ptr=ptr, N=16384, d=d), "read_fwd"),
         spec("read_static_bwd", _read_tc_bwd,
-             dict(h_ptr=ptr, read_ptr=f32, gx_ptr=ptr, gh_ptr=ptr, gread_ptr=f32, N=16384, d=d), "read_bwd"),
+             dict(h_ptr=ptr, read_ptr=f32, gx_ptr=ptr, gh_ptr=ptr, gread_ptr=f32, N=16384, d=d), "read_bwd",
+             PARTS=_parts(_TORCH_DTYPES[dtype])),
         spec("read_dynamic_fwd", _read_dynamic_tc_fwd,
              dict(h_ptr=ptr, wgt_ptr=f32, base_ptr=f32, scale_ptr=f32, x_ptr=ptr, carry_ptr=f32, write_ptr=f32,
                   stats_ptr=f32, N=16384, d=d, eps=1e-6, inv_sqrt_d=0.03), "dynamic_fwd"),
@@ -683,6 +696,7 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
     ] + [
         spec(f"read_dynamic_bwd_{which}", _read_dynamic_tc_bwd_state,
              dict(h_ptr=ptr, gx_ptr=ptr, readc_ptr=f32, gu_ptr=f32, rowscale_ptr=f32, wgt_ptr=f32, gin_ptr=ptr,
-                  gh_ptr=ptr, gwg_ptr=f32, N=16384, d=d), f"dynamic_bwd_{which}", G_IN=True, WHICH=which)
+                  gh_ptr=ptr, gwg_ptr=f32, N=16384, d=d), f"dynamic_bwd_{which}", G_IN=True, WHICH=which,
+             PARTS=_parts(_TORCH_DTYPES[dtype]))
         for which in ("dh", "dwg")
     ]
