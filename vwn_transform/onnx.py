@@ -667,6 +667,52 @@ def export_onnx(model: nn.Module, path, *, example_inputs: tuple | None = None, 
         >>> report.max_abs_diff < 1e-4
         True
     """
+    target, dtype, chosen, hf = _check_export_request(model, path, example_inputs, dynamic, opset, verify, providers,
+                                                      dtype, kv_cache)
+    notes = _export_notes(model, dtype)
+    widened = getattr(model, "vwn_config", None) is not None
+    half = dtype != torch.float32
+    target_model = _in_dtype(model, dtype)
+    # the float32 reference of a half-precision export (the user's model itself when it is float32)
+    reference32 = _in_dtype(model, torch.float32) if half and verify else None
+    device = next((p.device for p in target_model.parameters()), torch.device("cpu"))
+    max_pos = _max_positions(model)
+
+    with _eval_restored(*{id(m): m for m in (model, target_model, reference32) if m is not None}.values()), \
+            _export_friendly_experts(target_model, notes):
+        if kv_cache:
+            graph = _cached_decoder_graph(target_model, device, dtype, max_pos)
+        else:
+            graph = _logits_graph(target_model, hf, example_inputs, device, dtype, dynamic, max_pos)
+        tmp = writable_temp_file(target)  # a folder that cannot be written names `path`, not the temp file
+        try:
+            report = _export_to(tmp, graph, opset)
+            report = dataclasses.replace(
+                report, path=str(target), widened=widened, notes=notes, dtype=_DTYPES[dtype], kv_cache=kv_cache,
+                tolerance_rule=(f"max(atol {atol:g}, {HALF_TOLERANCE_FACTOR:g} x PyTorch's own {_DTYPES[dtype]}-"
+                                "vs-float32 error on the same inputs)") if half else f"atol {atol:g}")
+            if verify:
+                session = _session(tmp, chosen)
+                report.providers = session.get_providers()
+                with torch.no_grad():
+                    if kv_cache:
+                        _verify_decoding(session, target_model, reference32, report, atol)
+                    else:
+                        ref_wrapper = _Logits(reference32, hf).eval() if reference32 is not None else None
+                        _verify(graph.wrapper, ref_wrapper, session, report, graph.example_inputs, graph.names,
+                                graph.dynamic_dims, max_pos, atol)
+            _raise_if_unverified(report, target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    log.info("%s", report)
+    return report
+
+
+def _check_export_request(model, path, example_inputs, dynamic, opset, verify, providers, dtype, kv_cache):
+    """Every argument of :func:`export_onnx` checked before anything is built: ``(target path, dtype, the
+    onnxruntime providers to verify on, whether the model is a Hugging Face causal LM)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(opset, int) or isinstance(opset, bool) or not 18 <= opset <= 23:
@@ -682,7 +728,6 @@ def export_onnx(model: nn.Module, path, *, example_inputs: tuple | None = None, 
             "kernels for ops every transformer graph uses (Where, Softmax, ...). Verify it with "
             "providers=['CUDAExecutionProvider'] (onnxruntime-gpu), export with verify=False, or use "
             "dtype=torch.float16")
-
     hf = _is_hf_causal_lm(model)
     if kv_cache:
         if not hf:
@@ -692,113 +737,117 @@ def export_onnx(model: nn.Module, path, *, example_inputs: tuple | None = None, 
             raise ValueError("kv_cache=True makes its own example inputs; leave example_inputs=None")
         if not dynamic:
             raise ValueError("kv_cache=True needs dynamic=True (the cache length changes every step)")
-    notes: list[str] = []
-    widened = getattr(model, "vwn_config", None) is not None
-    if not widened:
+    return target, dtype, chosen, hf
+
+
+def _export_notes(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """What the report should tell about the source model: not widened, converted from another dtype."""
+    notes = []
+    if getattr(model, "vwn_config", None) is None:
         notes.append("the model was not widened by vwn_transform; it is exported as it is")
     source_dtypes = _float_dtypes(model)
     if not source_dtypes <= {dtype}:
         notes.append(f"exported in {_DTYPES[dtype]} from a converted copy of the "
                      f"{'/'.join(sorted(str(d).replace('torch.', '') for d in source_dtypes))} model")
-    half = dtype != torch.float32
+    return notes
 
-    target_model = _in_dtype(model, dtype)
-    # the float32 reference of a half-precision export (the user's model itself when it is float32)
-    reference32 = _in_dtype(model, torch.float32) if half and verify else None
-    device = next((p.device for p in target_model.parameters()), torch.device("cpu"))
-    max_pos = _max_positions(model)
 
-    with _eval_restored(*{id(m): m for m in (model, target_model, reference32) if m is not None}.values()), \
-            _export_friendly_experts(target_model, notes):
-        if kv_cache:
-            layers, kv_heads, head_dim = _cache_layout(target_model)
-            takes_positions = "position_ids" in inspect.signature(target_model.forward).parameters
-            wrapper = _CachedDecoder(target_model, layers, takes_positions).eval()
-            vocab = target_model.get_input_embeddings().num_embeddings
-            batch, seq, past = 2, 3, 5  # export sizes away from 0/1, which torch.export would specialize
-            ids = (torch.arange(batch * seq, device=device).reshape(batch, seq) * 5 + 3) % vocab
-            example_inputs = (ids, torch.ones(batch, past + seq, dtype=torch.long, device=device))
-            names = ["input_ids", "attention_mask"]
-            if takes_positions:
-                example_inputs += (torch.arange(past, past + seq, device=device).expand(batch, seq).contiguous(),)
-                names.append("position_ids")
-            gen = torch.Generator().manual_seed(0)
-            example_inputs += tuple(torch.randn(batch, kv_heads, past, head_dim, generator=gen).to(device, dtype)
-                                    for _ in range(2 * layers))
-            names += [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-            output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-            b = torch.export.Dim("batch")
-            s = torch.export.Dim("sequence", max=max_pos) if max_pos else torch.export.Dim("sequence")
-            p = torch.export.Dim("past_sequence", max=max_pos) if max_pos else torch.export.Dim("past_sequence")
-            t = torch.export.Dim("total_sequence", max=max_pos) if max_pos else torch.export.Dim("total_sequence")
-            spec = [{0: b, 1: s}, {0: b, 1: t}] + ([{0: b, 1: s}] if takes_positions else [])
-            spec += [{0: b, 2: p}] * (2 * layers)
-            dynamic_shapes = (tuple(spec),)
-            axis_name = {b: "batch", s: "sequence", p: "past_sequence", t: "total_sequence"}
-            dynamic_dims = {n: {d: axis_name[dim] for d, dim in sp.items()} for n, sp in zip(names, spec)}
-        else:
-            example_inputs, names = _plain_inputs(target_model, hf, example_inputs, device, dtype)
-            output_names = ["logits"]
-            wrapper = _Logits(target_model, hf).eval()
-            dynamic_dims, dynamic_shapes = {}, None
-            if dynamic:
-                batch_dim = torch.export.Dim("batch")
-                seq_dim = torch.export.Dim("sequence", max=max_pos) if max_pos else torch.export.Dim("sequence")
-                spec = []
-                for name, x in zip(names, example_inputs):
-                    dims = {0: batch_dim, 1: seq_dim} if x.dim() >= 2 else ({0: batch_dim} if x.dim() == 1 else {})
-                    spec.append(dims)
-                    dynamic_dims[name] = {k: ("batch" if k == 0 else "sequence") for k in dims}
-                dynamic_shapes = (tuple(spec),)  # one entry for the wrapper's *inputs
+@dataclasses.dataclass
+class _ExportGraph:
+    """What torch.onnx.export traces: the wrapper module, its example inputs, the ONNX input/output names and the
+    dynamic axes (as torch.export dims, and as names per input for the report)."""
 
-        tmp = writable_temp_file(target)  # a folder that cannot be written names `path`, not the temp file
-        start = time.perf_counter()
-        try:
-            with _quiet_exporter(), torch.no_grad():
-                program = torch.onnx.export(
-                    wrapper, example_inputs, dynamo=True, custom_translation_table=translation_table,
-                    dynamic_shapes=dynamic_shapes, opset_version=opset, input_names=names,
-                    output_names=output_names, verbose=False,
-                )
-                program.save(str(tmp))
-                elapsed = time.perf_counter() - start
-                _onnx.checker.check_model(str(tmp), full_check=True)
-                proto = _onnx.load(str(tmp), load_external_data=False)
-                custom = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
-                if custom or proto.functions:
-                    raise RuntimeError(f"the exported graph uses custom domains {custom} or functions; expected "
-                                       "only standard ONNX ops")
-                report = ExportReport(
-                    path=str(target), opset=opset, file_size_bytes=tmp.stat().st_size, input_names=names,
-                    output_names=output_names,
-                    export_shapes={n: tuple(x.shape) for n, x in zip(names, example_inputs)},
-                    dynamic_axes=dynamic_dims, widened=widened, notes=notes, providers=[], checks=[],
-                    export_seconds=elapsed, dtype=_DTYPES[dtype], kv_cache=kv_cache,
-                    tolerance_rule=(f"max(atol {atol:g}, {HALF_TOLERANCE_FACTOR:g} x PyTorch's own {_DTYPES[dtype]}-"
-                                    "vs-float32 error on the same inputs)") if half else f"atol {atol:g}",
-                )
-                if verify:
-                    session = _session(tmp, chosen)
-                    report.providers = session.get_providers()
-                    if kv_cache:
-                        _verify_decoding(session, target_model, reference32, report, atol)
-                    else:
-                        ref_wrapper = _Logits(reference32, hf).eval() if reference32 is not None else None
-                        _verify(wrapper, ref_wrapper, session, report, example_inputs, names, dynamic_dims,
-                                max_pos, atol)
-            bad = [c for c in report.checks if c.max_abs_diff > c.tolerance or c.tokens_match is False]
-            if bad:
-                c = bad[0]
-                what = (f"greedy tokens differ from generate(do_sample=False) at {c.shapes}" if c.tokens_match is
-                        False else f"onnxruntime output differs from eager PyTorch by {c.max_abs_diff:.3g} "
-                        f"(> tolerance {c.tolerance:.3g}) at {c.shapes}")
-                raise ONNXVerificationError(f"{what}; nothing was written to {str(target)!r}\n{report}", report)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    log.info("%s", report)
-    return report
+    wrapper: nn.Module
+    example_inputs: tuple
+    names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple | None
+    dynamic_dims: dict[str, dict[int, str]]
+
+
+def _cached_decoder_graph(model: nn.Module, device, dtype, max_pos: int | None) -> _ExportGraph:
+    """The KV-cache decoder: ``input_ids``, ``attention_mask`` (``[batch, past + sequence]``), ``position_ids``
+    where the model takes them, ``past_key_values.N.key/value``; outputs ``logits`` and ``present.N.key/value``."""
+    layers, kv_heads, head_dim = _cache_layout(model)
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    wrapper = _CachedDecoder(model, layers, takes_positions).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    batch, seq, past = 2, 3, 5  # export sizes away from 0/1, which torch.export would specialize
+    ids = (torch.arange(batch * seq, device=device).reshape(batch, seq) * 5 + 3) % vocab  # [batch, seq]
+    example_inputs = (ids, torch.ones(batch, past + seq, dtype=torch.long, device=device))
+    names = ["input_ids", "attention_mask"]
+    if takes_positions:
+        example_inputs += (torch.arange(past, past + seq, device=device).expand(batch, seq).contiguous(),)
+        names.append("position_ids")
+    gen = torch.Generator().manual_seed(0)
+    example_inputs += tuple(torch.randn(batch, kv_heads, past, head_dim, generator=gen).to(device, dtype)
+                            for _ in range(2 * layers))
+    names += [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    b = torch.export.Dim("batch")
+    s = torch.export.Dim("sequence", max=max_pos) if max_pos else torch.export.Dim("sequence")
+    p = torch.export.Dim("past_sequence", max=max_pos) if max_pos else torch.export.Dim("past_sequence")
+    t = torch.export.Dim("total_sequence", max=max_pos) if max_pos else torch.export.Dim("total_sequence")
+    spec = [{0: b, 1: s}, {0: b, 1: t}] + ([{0: b, 1: s}] if takes_positions else [])
+    spec += [{0: b, 2: p}] * (2 * layers)
+    axis_name = {b: "batch", s: "sequence", p: "past_sequence", t: "total_sequence"}
+    dynamic_dims = {n: {d: axis_name[dim] for d, dim in sp.items()} for n, sp in zip(names, spec)}
+    return _ExportGraph(wrapper, example_inputs, names, output_names, (tuple(spec),), dynamic_dims)
+
+
+def _logits_graph(model: nn.Module, hf: bool, example_inputs, device, dtype, dynamic: bool,
+                  max_pos: int | None) -> _ExportGraph:
+    """The plain graph: the model's inputs (HF: ``input_ids``, ``attention_mask``) to ``logits``; with ``dynamic``
+    the first two axes of every input are ``batch`` and ``sequence``."""
+    example_inputs, names = _plain_inputs(model, hf, example_inputs, device, dtype)
+    dynamic_dims, dynamic_shapes = {}, None
+    if dynamic:
+        batch_dim = torch.export.Dim("batch")
+        seq_dim = torch.export.Dim("sequence", max=max_pos) if max_pos else torch.export.Dim("sequence")
+        spec = []
+        for name, x in zip(names, example_inputs):
+            dims = {0: batch_dim, 1: seq_dim} if x.dim() >= 2 else ({0: batch_dim} if x.dim() == 1 else {})
+            spec.append(dims)
+            dynamic_dims[name] = {k: ("batch" if k == 0 else "sequence") for k in dims}
+        dynamic_shapes = (tuple(spec),)  # one entry for the wrapper's *inputs
+    return _ExportGraph(_Logits(model, hf).eval(), example_inputs, names, ["logits"], dynamic_shapes, dynamic_dims)
+
+
+def _export_to(tmp: Path, graph: _ExportGraph, opset: int) -> ExportReport:
+    """Export ``graph`` to ``tmp``, check it with onnx's full checker and that it uses only standard ONNX ops; the
+    report's export fields (the caller fills in the rest)."""
+    start = time.perf_counter()
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            graph.wrapper, graph.example_inputs, dynamo=True, custom_translation_table=translation_table,
+            dynamic_shapes=graph.dynamic_shapes, opset_version=opset, input_names=graph.names,
+            output_names=graph.output_names, verbose=False,
+        )
+        program.save(str(tmp))
+    elapsed = time.perf_counter() - start
+    _onnx.checker.check_model(str(tmp), full_check=True)
+    proto = _onnx.load(str(tmp), load_external_data=False)
+    custom = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom or proto.functions:
+        raise RuntimeError(f"the exported graph uses custom domains {custom} or functions; expected only standard "
+                           "ONNX ops")
+    return ExportReport(
+        path=str(tmp), opset=opset, file_size_bytes=tmp.stat().st_size, input_names=graph.names,
+        output_names=graph.output_names,
+        export_shapes={n: tuple(x.shape) for n, x in zip(graph.names, graph.example_inputs)},
+        dynamic_axes=graph.dynamic_dims, widened=False, notes=[], providers=[], checks=[], export_seconds=elapsed,
+        dtype="", kv_cache=False, tolerance_rule="")
+
+
+def _raise_if_unverified(report: ExportReport, target: Path) -> None:
+    """:class:`ONNXVerificationError` naming the first check beyond its tolerance (nothing is written then)."""
+    bad = [c for c in report.checks if c.max_abs_diff > c.tolerance or c.tokens_match is False]
+    if bad:
+        c = bad[0]
+        what = (f"greedy tokens differ from generate(do_sample=False) at {c.shapes}" if c.tokens_match is False
+                else f"onnxruntime output differs from eager PyTorch by {c.max_abs_diff:.3g} (> tolerance "
+                f"{c.tolerance:.3g}) at {c.shapes}")
+        raise ONNXVerificationError(f"{what}; nothing was written to {str(target)!r}\n{report}", report)
 
 
 def _plain_inputs(model: nn.Module, hf: bool, example_inputs, device, dtype) -> tuple[tuple, list[str]]:
