@@ -130,13 +130,67 @@ def default_example_inputs(model: nn.Module, seq_len: int = 8) -> tuple:
 
 def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelStructure:
     """Run one forward with hooks and return the model-level structure (see module docstring)."""
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-    elif isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    elif not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
+    example_inputs = _as_input_tuple(model, example_inputs)
+    trace = _record_forward(model, example_inputs)
+    calls = trace.calls
+    blocks = _find_block_chain(model, calls, trace.outputs, trace.containers)
+    first_idx = blocks[0][0]
+    stream_in = _stream_arg(calls[first_idx][2], calls[first_idx][3])
+    hidden = stream_in.shape[-1]
+    module_order = {name: i for i, name in enumerate(trace.names.values())}
+    embeddings = sorted(_find_embeddings(stream_in, trace.leaves), key=lambda n: module_order.get(n, 0))
+    if not embeddings:
+        raise UnsupportedModelError(
+            f"could not find the embeddings feeding the residual stream of {type(model).__name__}: the input of "
+            f"{calls[first_idx][0]} is not computed from any nn.Embedding"
+        )
+    final_name, final_kind, head, problem = _stream_end(trace, blocks, hidden)
+    out = primary_output(trace.output)
+    return ModelStructure(
+        hidden_size=hidden,
+        container=blocks[0][1].rsplit(".", 1)[0] if "." in blocks[0][1] else "",
+        blocks=[BlockCall(name, calls[i][1], calls[i][2], calls[i][3]) for i, name in blocks],
+        embeddings=embeddings,
+        final=final_name,
+        final_kind=final_kind,
+        head=head,
+        example_inputs=example_inputs,
+        reference_output=None if out is None else out.detach(),
+        problem=problem,
+    )
 
+
+def _as_input_tuple(model: nn.Module, example_inputs) -> tuple:
+    """``example_inputs`` as a tuple of positional inputs (the model's default inputs when None)."""
+    if example_inputs is None:
+        return default_example_inputs(model)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        return (example_inputs,)
+    return example_inputs
+
+
+@dataclasses.dataclass
+class _ForwardTrace:
+    """One hooked forward: every module call in pre-hook order ``(name, module, args, kwargs)``, the outputs by call
+    index, the autograd leaves cut before the first block (``id(leaf) -> module name``), the block containers and
+    the model's module names, and the model's output. ``leaf_tensors`` keeps the leaves alive: ``leaves`` is keyed
+    by their ids."""
+
+    calls: list[tuple[str, nn.Module, tuple, dict]]
+    outputs: dict[int, Any]
+    leaves: dict[int, str]
+    leaf_tensors: list[torch.Tensor]
+    containers: dict[str, nn.Module]
+    names: dict[nn.Module, str]
+    output: Any
+
+
+def _record_forward(model: nn.Module, example_inputs: tuple) -> _ForwardTrace:
+    """Run the model once in eval mode with a pre- and post-hook on every module (restoring its training flags and
+    removing the hooks afterwards). Before the first block, the output of every module that owns parameters
+    becomes an autograd leaf, so the walk back from block 0's input stops at the modules it is computed from."""
     names = {mod: name for name, mod in model.named_modules(remove_duplicate=False)}
     calls: list[tuple[str, nn.Module, tuple, dict]] = []  # pre-hook order
     outputs: dict[int, Any] = {}  # index in calls -> output
@@ -158,8 +212,6 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
         idx = mod.__dict__.pop("_vwn_probe_index", None)
         if idx is not None:
             outputs[idx] = out
-        # Before the first block: cut autograd at every module that owns parameters, so the walk from block 0's
-        # input stops at the modules whose outputs it is computed from.
         if not first_block_seen[0] and isinstance(out, torch.Tensor) and out.is_floating_point() and \
                 any(True for _ in mod.parameters(recurse=False)):
             leaf = out.detach().requires_grad_(True)
@@ -190,21 +242,19 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
         restore()
         for mod in model.modules():
             mod.__dict__.pop("_vwn_probe_index", None)
+    return _ForwardTrace(calls, outputs, leaves, leaf_tensors, containers, names, out)
 
-    blocks = _find_block_chain(model, calls, outputs, containers)
-    first_idx, last_idx = blocks[0][0], blocks[-1][0]
-    stream_in = _stream_arg(calls[first_idx][2], calls[first_idx][3])
-    hidden = stream_in.shape[-1]
-    module_order = {name: i for i, name in enumerate(names.values())}
-    embeddings = sorted(_find_embeddings(stream_in, leaves), key=lambda n: module_order.get(n, 0))
-    if not embeddings:
-        raise UnsupportedModelError(
-            f"could not find the embeddings feeding the residual stream of {type(model).__name__}: the input of "
-            f"{calls[first_idx][0]} is not computed from any nn.Embedding"
-        )
+
+def _stream_end(trace: _ForwardTrace, blocks: list[tuple[int, str]], hidden: int):
+    """Where the residual stream leaves the block stack: ``(final module name, "norm" | "head" | "", the head's
+    name or None, the problem or None)``. The first module with parameters after the last block whose input is
+    the last block's output is the final module; the head is the first ``hidden``-wide linear from there. A
+    problem is reported by :func:`check_stream_ends`, after the blocks were analysed."""
+    calls = trace.calls
+    last_idx = blocks[-1][0]
     block_names = {name for _, name in blocks}
     final_idx = None
-    last_out = _first_tensor(outputs.get(last_idx))
+    last_out = _first_tensor(trace.outputs.get(last_idx))
     for i in range(last_idx + 1, len(calls)):
         name, mod, args, kwargs = calls[i]
         if any(name == b or name.startswith(b + ".") for b in block_names):
@@ -216,37 +266,24 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
                 inp.data_ptr() == last_out.data_ptr():
             final_idx = i
             break
-    # Problems at the ends of the stream are reported by check_stream_ends(), after the blocks were analysed.
-    final_name, final_kind, head, problem = "", "", None, None
     if final_idx is None:
-        problem = (f"expected a final norm or head applied to the residual stream after {blocks[-1][1]}; "
-                   "found no module consuming it")
+        return "", "", None, (f"expected a final norm or head applied to the residual stream after {blocks[-1][1]}; "
+                              "found no module consuming it")
+    final_name, final_mod = calls[final_idx][0], calls[final_idx][1]
+    final_kind, head, problem = "", None, None
+    if is_norm_module(final_mod):
+        final_kind = "norm"
+    elif isinstance(final_mod, nn.Linear) and final_mod.in_features == hidden:
+        final_kind = "head"
     else:
-        final_name, final_mod = calls[final_idx][0], calls[final_idx][1]
-        if is_norm_module(final_mod):
-            final_kind = "norm"
-        elif isinstance(final_mod, nn.Linear) and final_mod.in_features == hidden:
-            final_kind = "head"
-        else:
-            problem = (f"expected the residual stream after {blocks[-1][1]} to enter a norm or a linear head, "
-                       f"found {final_name} ({type(final_mod).__name__})")
-        for i in range(final_idx + (1 if final_kind == "norm" else 0), len(calls)):
-            name, mod = calls[i][0], calls[i][1]
-            if isinstance(mod, nn.Linear) and mod.in_features == hidden:
-                head = name
-                break
-    return ModelStructure(
-        hidden_size=hidden,
-        container=blocks[0][1].rsplit(".", 1)[0] if "." in blocks[0][1] else "",
-        blocks=[BlockCall(name, calls[i][1], calls[i][2], calls[i][3]) for i, name in blocks],
-        embeddings=embeddings,
-        final=final_name,
-        final_kind=final_kind,
-        head=head,
-        example_inputs=example_inputs,
-        reference_output=None if primary_output(out) is None else primary_output(out).detach(),
-        problem=problem,
-    )
+        problem = (f"expected the residual stream after {blocks[-1][1]} to enter a norm or a linear head, "
+                   f"found {final_name} ({type(final_mod).__name__})")
+    for i in range(final_idx + (1 if final_kind == "norm" else 0), len(calls)):
+        name, mod = calls[i][0], calls[i][1]
+        if isinstance(mod, nn.Linear) and mod.in_features == hidden:
+            head = name
+            break
+    return final_name, final_kind, head, problem
 
 
 def check_stream_ends(model: nn.Module, structure: ModelStructure) -> None:
