@@ -511,6 +511,33 @@ def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStruc
         op.on_undo(lambda: setattr(hf_config, "vwn_recipe", old) if had else delattr(hf_config, "vwn_recipe"))
 
 
+def _check_widened_output(target: nn.Module, model_name: str, structure, cfg: VWNConfig, op) -> None:
+    """Run the widened model on the probe input and compare with the original's output (``_check_output``). Some
+    model code (GPT-2, GPTBigCode) reshapes the final normed state with the width it read off the embedding
+    output and fails when the reduce returns D features: then, explicitly and logged, the reduce's output is padded
+    back to D' and the head reads its first D features; any other failure is an :class:`UnsupportedModelError`."""
+    try:
+        _check_output(target, structure, cfg)
+        return
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:
+        if structure.final_kind != "norm" or structure.head is None:
+            raise UnsupportedModelError(
+                f"the widened {model_name} fails on the probe input: {type(exc).__name__}: {exc}") from exc
+        first = exc
+    log.info("%s fails when %s returns %d features (%s: %s); padding the reduce output to D' and slicing it at %s",
+             model_name, structure.final, cfg.hidden_size, type(first).__name__, first, structure.head)
+    _pad_final_output(target, structure, op)
+    try:
+        _check_output(target, structure, cfg)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc2:
+        raise UnsupportedModelError(
+            f"the widened {model_name} fails on the probe input: {type(first).__name__}: {first}") from exc2
+
+
 def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
           dynamic: bool = True, init: str = "preserve", embedding: str = "table", inplace: bool = False,
           example_inputs: tuple | None = None, mtp: bool = False, mtp_weight: float = 0.3) -> nn.Module:
@@ -573,30 +600,7 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
         ref = _float_param(final)
         _widen_final(final, cfg, ref if ref is not None else _float_param(target), op)
         op.set(target, "vwn_config", cfg)
-        try:
-            _check_output(target, structure, cfg)
-        except UnsupportedModelError:
-            raise
-        except Exception as exc:
-            if structure.final_kind != "norm" or structure.head is None:
-                raise UnsupportedModelError(
-                    f"the widened {type(model).__name__} fails on the probe input: {type(exc).__name__}: {exc}"
-                ) from exc
-            # Some model code (GPT-2, GPTBigCode) reshapes the final normed state with the width it read off the
-            # embedding output. Explicit second placement: pad the reduce's output back to D' and let the head
-            # read the first D features. Logged, and recorded on the model.
-            log.info("%s fails when %s returns %d features (%s: %s); padding the reduce output to D' and slicing "
-                     "it at %s", type(model).__name__, structure.final, cfg.hidden_size, type(exc).__name__, exc,
-                     structure.head)
-            _pad_final_output(target, structure, op)
-            try:
-                _check_output(target, structure, cfg)
-            except UnsupportedModelError:
-                raise
-            except Exception as exc2:
-                raise UnsupportedModelError(
-                    f"the widened {type(model).__name__} fails on the probe input: {type(exc).__name__}: {exc}"
-                ) from exc2
+        _check_widened_output(target, type(model).__name__, structure, cfg, op)
         if cfg.mtp:
             attach_mtp(target, structure, cfg, op)
         _hook_model(target, op)
