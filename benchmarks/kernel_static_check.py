@@ -57,6 +57,7 @@ def kernel_specs(m: int, n: int, d: int, dtype: str, which: str = "dispatched") 
     wherever they compile, including shapes the dispatcher keeps them from (e.g. the FMA dynamic read at (8, 8),
     whose gate values spill)."""
     from vwn_transform.kernels import triton_read_fma, triton_tc, triton_write_fma
+    from vwn_transform.kernels.measured import kernel_id
 
     tc = triton_tc.static_gate_specs(n, m, d, dtype)
     if which == "tc":
@@ -68,14 +69,14 @@ def kernel_specs(m: int, n: int, d: int, dtype: str, which: str = "dispatched") 
         fma += triton_read_fma.static_gate_specs(n, m, d, dtype, dynamic=True if which == "all" else None)
     if which == "all":
         return fma + tc
-    fma_write, fma_static = triton_write_fma.supports(n, m), triton_read_fma.supports(n, m)
-    fma_dynamic = triton_read_fma.supports_dynamic(n, m)
+    # the family that runs each op here, as the dispatcher decides it (kernels.measured.kernel_id)
+    runs = {prefix: kernel_id(op, m, n) for prefix, op in (("write_", "write"), ("read_static", "read_static"),
+                                                            ("read_dynamic", "read_dynamic"))}
 
-    def run_by_fma(name: str) -> bool:
-        return ((name.startswith("write_") and fma_write) or (name.startswith("read_static") and fma_static)
-                or (name.startswith("read_dynamic") and fma_dynamic))
+    def dispatched(name: str) -> bool:
+        return any(name.startswith(prefix) and f"[{family}" in name for prefix, family in runs.items())
 
-    return fma + [s for s in tc if not run_by_fma(s["kernel"])]
+    return [s for s in fma + tc if dispatched(s["kernel"])]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -97,3 +97,37 @@ def interpreter_bt(bt: int) -> int:
 def launch_kwargs(cfg: dict) -> dict:
     """A launch configuration as kernel keyword arguments (the interpreter ignores num_warps/num_stages)."""
     return cfg if not interpreting() else {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host-side pieces both kernel families share (torch only)
+# ---------------------------------------------------------------------------------------------------------------
+def write_coefficients(carry_c, write_c, N: int, n: int, m: int):
+    """``(static, carry [.., n, n], write [.., n, m])`` in fp32, contiguous: the maps themselves (static, 2-D) or
+    one per token (``[N, n, n]`` / ``[N, n, m]``)."""
+    if write_c.dim() == 2:
+        return True, carry_c.float().contiguous(), write_c.float().contiguous()
+    return False, carry_c.reshape(N, n, n).float().contiguous(), write_c.reshape(N, n, m).float().contiguous()
+
+
+def gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write):
+    """``(wg^T [K, d], base [n, K], scales [n, K])`` in fp32, K = 2m + n: the gain folded into the projection (one
+    contiguous row per gate column) and the static maps and scales stacked as ``[read | carry | write^T]``."""
+    wgt = (norm_weight.float()[:, None] * proj.float()).t().contiguous()
+    base = torch.cat([read.float(), carry.float(), write.float().t()], dim=1).contiguous()
+    scales = torch.cat([scale_read.float(), scale_carry.float(), scale_write.float().t()], dim=1).contiguous()
+    return wgt, base, scales
+
+
+def dynamic_read_parameter_grads(g_static, g_scales, g_wg, norm_weight, proj, read, carry, write, scale_read,
+                                 scale_carry, scale_write) -> tuple:
+    """The dynamic read's parameter gradients in the reference's order (``norm_weight, proj, read, carry, write,
+    scale_read, scale_carry, scale_write``) from the kernels' sums: ``g_static``/``g_scales`` ``[n, K]`` (columns
+    ``[read | carry | write^T]``) and ``g_wg`` ``[d, K]`` (the gradient of the folded projection); each in its
+    parameter's dtype, contiguous (no two outputs alias)."""
+    n, m = read.shape
+    gain, w = norm_weight.float(), proj.float()
+    grads = ((g_wg * w).sum(1), g_wg * gain[:, None], g_static[:, :m], g_static[:, m:m + n],
+             g_static[:, m + n:].t(), g_scales[:, :m], g_scales[:, m:m + n], g_scales[:, m + n:].t())
+    params = (norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    return tuple(g.to(p.dtype).clone(memory_format=torch.contiguous_format) for g, p in zip(grads, params))

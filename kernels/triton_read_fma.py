@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (contiguous3, fma_dynamic_read_supports, fma_supports, interpreter_bt, interpreting,
-                           launch_kwargs, state_view)
+from .triton_common import (contiguous3, dynamic_read_parameter_grads, fma_dynamic_read_supports, fma_supports,
+                           gate_maps, interpreter_bt, interpreting, launch_kwargs, state_view)
 from .triton_helpers import coefficient, tanh, to_output
 
 KERNEL_ID = "fma-v1"
@@ -335,21 +335,12 @@ def read_static_backward(h, read, grad_x):
     return g_h, g_read.sum(0).to(read.dtype)  # a fixed-order sum of the programs' partials
 
 
-def _gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write):
-    # wg^T [K, d] (gain folded into the projection, one contiguous row per gate column) and the stacked static
-    # maps and scales [n, K] = [read | carry | write^T], all fp32
-    wgt = (norm_weight.float()[:, None] * proj.float()).t().contiguous()
-    base = torch.cat([read.float(), carry.float(), write.float().t()], dim=1).contiguous()
-    scales = torch.cat([scale_read.float(), scale_carry.float(), scale_write.float().t()], dim=1).contiguous()
-    return wgt, base, scales
-
-
 def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     """:func:`kernels.reference.read_dynamic` where :func:`supports_dynamic`: ``(x, carry_c, write_c, stats)``."""
     n, m = read.shape
     h, N, d = state_view(h, n, m)
     K = 2 * m + n
-    wgt, base, scales = _gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    wgt, base, scales = gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
     x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
     carry_c = torch.empty((N, n, n), device=h.device, dtype=torch.float32)
     write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
@@ -373,7 +364,7 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
     gcc = grad_carry_c.float().reshape(N, n, n).contiguous()
     gwc = grad_write_c.float().reshape(N, n, m).contiguous()
     stats = stats.float().reshape(N, n, K + 1).contiguous()
-    wgt, base, scales = _gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    wgt, base, scales = gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
     coef_cfg, state_cfg = (configs(n, m, d)[k] for k in ("dynamic_bwd_coef", "dynamic_bwd_state"))
     programs = triton.cdiv(N, coef_cfg["BT"])
     chunks = triton.cdiv(max(d, 1), state_cfg["BD"])
@@ -397,14 +388,8 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
                 h, gx, read_c, g_u, rowscale, wgt, grad_in if grad_in is not None else h, g_h, g_wgt, N, d,
                 NS=n, MS=m, G_IN=grad_in is not None, **launch_kwargs(state_cfg))
     g_static, g_scales = g_static.sum(0), g_scales.sum(0)  # [n, K], fixed-order sums of the partials
-    g_wg = g_wgt.sum(0).t()  # [d, K]
-    gain, w = norm_weight.float(), proj.float()
-    grads = (g_wg * gain[:, None], (g_wg * w).sum(1), g_static[:, :m], g_static[:, m:m + n],
-             g_static[:, m + n:].t(), g_scales[:, :m], g_scales[:, m:m + n], g_scales[:, m + n:].t())
-    params = (proj, norm_weight, read, carry, write, scale_read, scale_carry, scale_write)
-    grads = tuple(g.to(p.dtype).clone(memory_format=torch.contiguous_format) for g, p in zip(grads, params))
-    # reference order: h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write
-    return (g_h, grads[1], grads[0]) + grads[2:]
+    return (g_h,) + dynamic_read_parameter_grads(g_static, g_scales, g_wgt.sum(0).t(), norm_weight, proj, read,
+                                                 carry, write, scale_read, scale_carry, scale_write)
 
 
 def static_gate_specs(n: int, m: int, d: int, dtype: str, dynamic: bool | None = None) -> list[dict]:

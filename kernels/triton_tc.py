@@ -1,6 +1,6 @@
 """GHC kernels on tensor cores, for the slot counts the FMA kernels do not unroll (n > ``FMA_MAX_N``, up to
-``MAX_N`` = 64 slots and ``MAX_M`` = 16 backbone slots; any slot width d): the tensor-core path of
-``shared/spec/gpu-kernels.md`` section 3.
+``MAX_N`` = 64 slots and ``MAX_M`` = 16 backbone slots, checked by ``state_view``; any slot width d): the
+tensor-core path of ``shared/spec/gpu-kernels.md`` section 3.
 
 A program owns whole tokens (``TPP`` of them, one after the other) and walks the slot width in chunks of ``BD``.
 Per token the mixing is a small matrix product with the slot width as the long side, run by ``tl.dot``:
@@ -38,17 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import MAX_M, MAX_N, contiguous3, interpreting, launch_kwargs, pow2, state_view
+from .triton_common import (contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting, launch_kwargs, pow2,
+                           state_view, write_coefficients)
 from .triton_helpers import tanh, to_output
 
 KERNEL_ID = "tc-v1"
 INTERPRETED = tl.constexpr(interpreting())
-
-
-def supports(n: int, m: int) -> bool:
-    """Every (m, n) of the op range: ``1 <= m <= 16``, ``1 <= n <= 64`` (the dispatcher prefers the FMA kernels
-    where they run)."""
-    return 1 <= m <= MAX_M and 1 <= n <= MAX_N
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,8 +445,6 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 # ---------------------------------------------------------------------------------------------------------------
 # launch parameters and host functions
 # ---------------------------------------------------------------------------------------------------------------
-LAUNCH_KEYS = ("write_fwd", "write_bwd", "read_fwd", "read_bwd", "dynamic_fwd", "dynamic_bwd_coef", "dynamic_bwd_dh",
-               "dynamic_bwd_dwg")
 # (padded slot count NP, every state operand bf16) -> {kernel: (BD, num_warps)}: per kernel the widest chunk that
 # compiled for sm_90a without spills and within 100 KB of shared memory per program, found by
 # benchmarks/tc_launch_search.py (triton 3.7.1; m <= 16 always pads to MP = 16). Not yet timed on a GPU.
@@ -475,6 +468,7 @@ LAUNCH = {
                   "dynamic_fwd": (16, 8), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
                   "dynamic_bwd_dwg": (64, 8)},
 }
+LAUNCH_KEYS = tuple(LAUNCH[(64, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
 
 
 def configs(n: int, m: int, d: int, bf16: bool = True) -> dict[str, dict]:
@@ -504,19 +498,13 @@ def _programs(N: int, tpp: int) -> int:
     return max(1, triton.cdiv(N, tpp))
 
 
-def _coefficients(carry_c, write_c, N, n, m):
-    if write_c.dim() == 2:
-        return True, carry_c.float().contiguous(), write_c.float().contiguous()
-    return False, carry_c.reshape(N, n, n).float().contiguous(), write_c.reshape(N, n, m).float().contiguous()
-
-
 def write(h, z, carry_c, write_c):
     """:func:`kernels.reference.write` on tensor cores: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype of
     ``h`` and ``z`` promoted."""
     n, m = write_c.shape[-2:]
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
-    static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
+    static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
     out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N and d:
         cfg = configs(n, m, d, h.dtype == z.dtype == torch.bfloat16)["write_fwd"]
@@ -531,7 +519,7 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     g = contiguous3(grad_out, n, d, "grad_out")
-    static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
+    static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
     cfg = configs(n, m, d, h.dtype == z.dtype == torch.bfloat16)["write_bwd"]
     programs = _programs(N, cfg["TPP"])
     g_h, g_z = torch.empty_like(h), torch.empty_like(z)
@@ -571,15 +559,6 @@ def read_static_backward(h, read, grad_x):
         _read_tc_bwd[(programs,)](h, read.float().contiguous(), gx, g_h, g_read, N, d, PARTS=_parts(h.dtype),
                                   **_pads(n, m), **launch_kwargs(cfg))
     return g_h, g_read.sum(0).to(read.dtype)  # a fixed-order sum of the programs' partials
-
-
-def gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write):
-    """``(wg^T [K, d], base [n, K], scales [n, K])`` in fp32, K = 2m + n: the gain folded into the projection (one
-    contiguous row per gate column) and the static maps and scales stacked as ``[read | carry | write^T]``."""
-    wgt = (norm_weight.float()[:, None] * proj.float()).t().contiguous()
-    base = torch.cat([read.float(), carry.float(), write.float().t()], dim=1).contiguous()
-    scales = torch.cat([scale_read.float(), scale_carry.float(), scale_write.float().t()], dim=1).contiguous()
-    return wgt, base, scales
 
 
 def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
@@ -646,14 +625,8 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
                 _read_dynamic_tc_bwd_state[grid](*args, G_IN=grad_in is not None, WHICH=which, PARTS=_parts(h.dtype),
                                                  **_pads(n, m), **kw)
     g_static, g_scales = g_static.sum(0), g_scales.sum(0)  # [n, K], fixed-order sums of the partials
-    g_wg = g_wgt.sum(0).t()  # [d, K]
-    gain, w = norm_weight.float(), proj.float()
-    grads = (g_wg * gain[:, None], (g_wg * w).sum(1), g_static[:, :m], g_static[:, m:m + n],
-             g_static[:, m + n:].t(), g_scales[:, :m], g_scales[:, m:m + n], g_scales[:, m + n:].t())
-    params = (proj, norm_weight, read, carry, write, scale_read, scale_carry, scale_write)
-    grads = tuple(g.to(p.dtype).clone(memory_format=torch.contiguous_format) for g, p in zip(grads, params))
-    # reference order: h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write
-    return (g_h, grads[1], grads[0]) + grads[2:]
+    return (g_h,) + dynamic_read_parameter_grads(g_static, g_scales, g_wgt.sum(0).t(), norm_weight, proj, read,
+                                                 carry, write, scale_read, scale_carry, scale_write)
 
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import contiguous3, fma_supports, interpreter_bt, launch_kwargs, state_view
+from .triton_common import contiguous3, fma_supports, interpreter_bt, launch_kwargs, state_view, write_coefficients
 from .triton_helpers import coefficient, to_output
 
 KERNEL_ID = "fma-v1"
@@ -140,19 +140,13 @@ def bwd_config(n: int, m: int, d: int) -> dict:
 supports = fma_supports  # (m, n) where these kernels run
 
 
-def _coefficients(carry_c, write_c, N, n, m):
-    if write_c.dim() == 2:
-        return True, carry_c.float().contiguous(), write_c.float().contiguous()
-    return False, carry_c.reshape(N, n, n).float().contiguous(), write_c.reshape(N, n, m).float().contiguous()
-
-
 def write(h, z, carry_c, write_c):
     """:func:`kernels.reference.write` for n <= ``FMA_MAX_N``: ``[N, n, d], [N, m, d] -> [N, n, d]`` in the dtype
     of ``h`` and ``z`` promoted (each loaded in its own dtype)."""
     n, m = write_c.shape[-2:]
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
-    static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
+    static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
     out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N and d:
         cfg = fwd_config(n, m, d)
@@ -167,7 +161,7 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     h, N, d = state_view(h, n, m)
     z = contiguous3(z, m, d, "z")
     g = contiguous3(grad_out, n, d, "grad_out")
-    static, cc, wc = _coefficients(carry_c, write_c, N, n, m)
+    static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
     cfg = bwd_config(n, m, d)
     programs = triton.cdiv(N, cfg["BT"])
     g_h, g_z = torch.empty_like(h), torch.empty_like(z)
