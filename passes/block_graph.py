@@ -19,11 +19,16 @@ Matching (``find_residual_updates``)
     normalization after the add (post-LN, BERT-style ``norm(s + f(s))``) is refused: it is not a residual
     stream the over-width state can carry.
 
-Rewriting (``rewrite_block_graph``), one GHC per update (parallel branches share one)::
+Rewriting (``rewrite_block_graph``), one GHC per update (parallel branches share one), into the
+``torch.ops.vwn`` ops with the GHC parameters as ``get_attr`` nodes::
 
     before:  y = s + f(norm(s))
-    after:   x, cc, wc = vwn_ghc.i.contract(s)          # torch.ops.vwn.ghc_read_*
-             y = vwn_ghc.i.expand(s, f(norm(x)), cc, wc)  # torch.ops.vwn.ghc_write
+    after:   x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(s, vwn_ghc.i.norm.weight, vwn_ghc.i.proj, ..., eps)
+             y = torch.ops.vwn.ghc_write(s, f(norm(x)), cc, wc)
+
+(a static GHC reads with ``ghc_read_static(s, vwn_ghc.i.read)`` and mixes with its own maps; one with
+``recompute=True`` keeps its ``contract``/``expand`` methods, whose hooks drop the coefficients.) Being op calls,
+the graph is then fused by the same pass the compile backend runs (``passes.fusion.FuseWriteRead``).
 
 The rewrite changes semantics only through the GHC parameters: with the function-preserving init the block
 computes, on the first ``D`` coordinates, exactly what it computed before.
@@ -32,6 +37,7 @@ computes, on the first ``D`` coordinates, exactly what it computed before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import linecache
 import operator
 from typing import Any, Callable
@@ -41,6 +47,7 @@ import torch.fx as fx
 from torch import nn
 
 from vwn_transform.config import UnsupportedModelError
+from vwn_transform.passes.fusion import FuseWriteRead
 from vwn_transform.passes.pipeline import GraphPass, PassResult, run_passes
 
 from .probe import is_norm_module
@@ -51,7 +58,6 @@ __all__ = [
     "trace_block",
     "find_residual_updates",
     "rewrite_block_graph",
-    "fuse_write_read",
     "lower_block_graph",
     "compile_block_graph",
     "BlockRunner",
@@ -373,18 +379,69 @@ def _single_alias(stream: fx.Node, widths: set[fx.Node]) -> fx.Node | None:
 # ------------------------------------------------------------------------------------------------------------
 # rewriting and compiling
 # ------------------------------------------------------------------------------------------------------------
-def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate]) -> fx.Graph:
-    """Replace update i by GHC module ``vwn_ghc.i`` (contract before the branch, expand instead of the add)."""
-    replaced: dict[fx.Node, fx.Node] = {}  # erased add-tree tops -> the expand nodes standing in for them
-    for i, upd in enumerate(updates):
+_DYNAMIC_READ_PARAMETERS = ("norm.weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
+                            "scale_write")  # the order of vwn::ghc_read_dynamic's parameter arguments
+
+
+def _parameter(graph: fx.Graph, ghc: nn.Module, index: int, name: str) -> fx.Node:
+    """``get_attr`` of GHC ``index``'s parameter ``name``, with its shape as the example value (what
+    :func:`fusion.slot_counts` reads)."""
+    node = graph.get_attr(f"{GHC_CONTAINER}.{index}.{name}")
+    param = functools.reduce(getattr, name.split("."), ghc)  # attribute access: also through wrappers (PEFT)
+    node.meta["val"] = torch.empty(param.shape, device="meta")
+    return node
+
+
+def _emit_read(graph: fx.Graph, ghc: nn.Module, index: int, stream: fx.Node) -> tuple[fx.Node, ...]:
+    """The read of GHC ``index`` on ``stream``: ``(x, carry_c, write_c)`` and every node it created last.
+
+    A dynamic GHC is ``torch.ops.vwn.ghc_read_dynamic`` on its parameters, a static one ``ghc_read_static`` with its
+    maps as the coefficients; a GHC with ``recompute=True`` keeps its ``contract`` method, whose saved-tensor hooks
+    (eager) or checkpoint region (compiled) do the recomputation."""
+    i = index
+    if getattr(ghc, "recompute", False):
+        module = graph.get_attr(f"{GHC_CONTAINER}.{i}")
+        read = graph.create_node("call_method", "contract", (module, stream), name=f"ghc_in_{i}")
+    elif ghc.dynamic:
+        params = [_parameter(graph, ghc, i, name) for name in _DYNAMIC_READ_PARAMETERS]
+        read = graph.create_node("call_function", torch.ops.vwn.ghc_read_dynamic.default,
+                                 (stream, *params, float(ghc.eps)), name=f"ghc_in_{i}")
+    else:
+        x = graph.create_node("call_function", torch.ops.vwn.ghc_read_static.default,
+                              (stream, _parameter(graph, ghc, i, "read")), name=f"x_{i}")
+        carry_c = _parameter(graph, ghc, i, "carry")
+        write_c = graph.create_node("call_method", "t", (_parameter(graph, ghc, i, "write"),), name=f"write_c_{i}")
+        return x, carry_c, write_c
+    x = graph.create_node("call_function", operator.getitem, (read, 0), name=f"x_{i}")
+    carry_c = graph.create_node("call_function", operator.getitem, (read, 1), name=f"carry_c_{i}")
+    write_c = graph.create_node("call_function", operator.getitem, (read, 2), name=f"write_c_{i}")
+    return x, carry_c, write_c
+
+
+def _emit_write(graph: fx.Graph, ghc: nn.Module, index: int, stream: fx.Node, z: fx.Node, carry_c: fx.Node,
+                write_c: fx.Node) -> fx.Node:
+    """GHC ``index``'s write of the sublayer output ``z`` into ``stream``: ``torch.ops.vwn.ghc_write`` (the
+    ``expand`` method for a GHC that recomputes its coefficients: its hooks drop them)."""
+    if getattr(ghc, "recompute", False):
+        module = graph.get_attr(f"{GHC_CONTAINER}.{index}")
+        return graph.create_node("call_method", "expand", (module, stream, z, carry_c, write_c), name=f"h_{index}")
+    return graph.create_node("call_function", torch.ops.vwn.ghc_write.default, (stream, z, carry_c, write_c),
+                             name=f"h_{index}")
+
+
+def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], ghcs) -> fx.Graph:
+    """Replace update i by the GHC ops of ``ghcs[i]`` (module ``vwn_ghc.i`` of the block): its read before the
+    branch, its write instead of the add (see the module docstring). ``ghcs`` are the GHC modules the block will
+    hold (their kind, dynamic / static / recompute, and ``eps`` are baked into the graph)."""
+    ghcs = list(ghcs)
+    if len(ghcs) != len(updates):
+        raise ValueError(f"rewrite_block_graph: {len(updates)} residual updates but {len(ghcs)} GHC modules")
+    replaced: dict[fx.Node, fx.Node] = {}  # erased add-tree tops -> the write nodes standing in for them
+    for i, (upd, ghc) in enumerate(zip(updates, ghcs)):
         stream = replaced.get(upd.stream, upd.stream)
-        first = upd.branch[0]
-        with graph.inserting_before(first):
-            ghc = graph.get_attr(f"{GHC_CONTAINER}.{i}")
-            contracted = graph.create_node("call_method", "contract", (ghc, stream), name=f"ghc_in_{i}")
-            x = graph.create_node("call_function", operator.getitem, (contracted, 0), name=f"x_{i}")
-            carry_c = graph.create_node("call_function", operator.getitem, (contracted, 1), name=f"carry_c_{i}")
-            write_c = graph.create_node("call_function", operator.getitem, (contracted, 2), name=f"write_c_{i}")
+        before = set(graph.nodes)
+        with graph.inserting_before(upd.branch[0]):
+            x, carry_c, write_c = _emit_read(graph, ghc, i, stream)
         for node in upd.branch:
             if stream in node.all_input_nodes:
                 node.replace_input_with(stream, x)
@@ -392,8 +449,8 @@ def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate]) -> fx.Gr
             z = upd.terms[0]
             for term in upd.terms[1:]:
                 z = graph.call_function(operator.add, (z, term))
-            new_stream = graph.create_node("call_method", "expand", (ghc, stream, z, carry_c, write_c), name=f"h_{i}")
-        for node in (contracted, x, carry_c, write_c, new_stream):
+            new_stream = _emit_write(graph, ghc, i, stream, z, carry_c, write_c)
+        for node in set(graph.nodes) - before:
             node.meta["vwn_pass"] = "rewrite_block_graph"
         upd.result.replace_all_uses_with(new_stream)
         for node in upd.tree:
@@ -403,79 +460,26 @@ def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate]) -> fx.Gr
     return graph
 
 
-def fuse_write_read(graph: fx.Graph) -> bool:
-    """Cross-layer fusion inside a block: where GHC i's ``expand`` result is the state GHC i+1 ``contract``s,
-    the pair becomes one ``vwn_ghc.i.expand_contract(..., vwn_ghc.{i+1})`` call (the fused
-    ``vwn::ghc_write_read_dynamic`` op). Preserves semantics exactly (same math, one pass over the state less).
-
-    before:  h_0 = vwn_ghc.0.expand(s, z_0, cc_0, wc_0);  ghc_in_1 = vwn_ghc.1.contract(h_0)
-    after:   fused_0 = vwn_ghc.0.expand_contract(s, z_0, cc_0, wc_0, vwn_ghc.1)
-             h_0 = fused_0[0];  ghc_in_1 = fused_0[1]
-
-    Returns whether anything was fused.
-    """
-    modified = False
-    for expand in list(graph.nodes):
-        if expand.op != "call_method" or expand.target != "expand":
-            continue
-        contracts = [u for u in expand.users if u.op == "call_method" and u.target == "contract" and
-                     u.args[1] is expand]
-        if len(contracts) != 1:
-            continue
-        contract = contracts[0]
-        nxt = contract.args[0]
-        with graph.inserting_before(expand):
-            # named after the nodes they replace (fx makes a taken name unique with a suffix)
-            fused = graph.create_node("call_method", "expand_contract", (*expand.args, nxt),
-                                      name=f"fused_{expand.name}")
-            h_new = graph.create_node("call_function", operator.getitem, (fused, 0), name=expand.name)
-            contracted = graph.create_node("call_function", operator.getitem, (fused, 1), name=contract.name)
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        if order[nxt] > order[fused]:
-            fused.prepend(nxt)  # the next GHC's get_attr must come before its first use
-        expand.replace_all_uses_with(h_new)
-        contract.replace_all_uses_with(contracted)
-        graph.erase_node(contract)
-        graph.erase_node(expand)
-        for node in (fused, h_new, contracted):
-            node.meta["vwn_pass"] = "fuse_write_read"
-        modified = True
-    graph.lint()
-    return modified
-
-
 class RewriteResidualUpdates(GraphPass):
-    """:func:`rewrite_block_graph` as a pass: every residual update becomes a GHC contract/expand pair."""
+    """:func:`rewrite_block_graph` as a pass: every residual update becomes the GHC read and write ops."""
 
     name = "rewrite_block_graph"
     requires = ("residual-updates",)
-    ensures = ("ghc-form",)
+    ensures = ("ghc-ops",)
 
-    def __init__(self, updates: list[ResidualUpdate]):
-        self.updates = updates
+    def __init__(self, updates: list[ResidualUpdate], ghcs):
+        self.updates, self.ghcs = updates, list(ghcs)
 
     def run(self, graph: fx.Graph) -> PassResult:
-        rewrite_block_graph(graph, self.updates)
+        rewrite_block_graph(graph, self.updates, self.ghcs)
         return PassResult(bool(self.updates), len(self.updates))
 
 
-class FuseWriteRead(GraphPass):
-    """:func:`fuse_write_read` as a pass: adjacent expand/contract pairs become ``expand_contract``."""
-
-    name = "fuse_write_read"
-    requires = ("ghc-form",)
-
-    def run(self, graph: fx.Graph) -> PassResult:
-        before = sum(1 for n in graph.nodes if n.op == "call_method" and n.target == "expand_contract")
-        changed = fuse_write_read(graph)
-        after = sum(1 for n in graph.nodes if n.op == "call_method" and n.target == "expand_contract")
-        return PassResult(changed, after - before)
-
-
-def lower_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], name: str) -> tuple[Callable, str]:
-    """The passes from a traced block to its widened forward (:func:`run_passes`: rewrite into GHC form, fuse
-    neighbouring write/read pairs), then Python generated from the graph. Returns ``(forward, source)``."""
-    run_passes(graph, [RewriteResidualUpdates(updates), FuseWriteRead()], f"block {name}",
+def lower_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], ghcs, name: str) -> tuple[Callable, str]:
+    """The passes from a traced block to its widened forward (:func:`run_passes`: rewrite into the GHC ops of
+    ``ghcs``, fuse neighbouring write/read pairs with the pass the compile backend also runs), then Python generated
+    from the graph. Returns ``(forward, source)``."""
+    run_passes(graph, [RewriteResidualUpdates(updates, ghcs), FuseWriteRead()], f"block {name}",
                established=("residual-updates",))
     return compile_block_graph(graph, name)
 
@@ -517,7 +521,7 @@ class BlockRunner:
                 f"{where}: a call with a new signature traced to residual updates {found}, but the block was widened "
                 f"with {self.sublayers}; the block's structure depends on its arguments, which VWN cannot follow"
             )
-        fn, src = lower_block_graph(graph, updates, self.name)
+        fn, src = lower_block_graph(graph, updates, getattr(block, GHC_CONTAINER), self.name)
         self.install(spec.key, fn, src)
         return fn
 

@@ -9,8 +9,8 @@ before it ensured, lints the graph after every pass that changed it, and on any 
 Properties (strings) used today:
 
 * ``"residual-updates"``: the block graph's residual updates are known (``find_residual_updates``);
-* ``"ghc-form"``: every residual update is a GHC ``contract`` ... ``expand`` pair (``rewrite_block_graph``);
-* ``"ghc-ops"``: the graph calls the ``torch.ops.vwn`` GHC ops (what Dynamo captures of a widened model).
+* ``"ghc-ops"``: the residual updates are calls of the ``torch.ops.vwn`` GHC ops (ensured by
+  ``rewrite_block_graph`` in a block, and what Dynamo captures of a widened model).
 
 Example::
 

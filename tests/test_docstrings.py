@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 MODULES = ["vwn_transform", "vwn_transform.config", "vwn_transform.widen", "vwn_transform.modules",
-           "vwn_transform.persist", "vwn_transform.training", "vwn_transform.onnx", "vwn_transform.passes.pipeline"]
+           "vwn_transform.persist", "vwn_transform.training", "vwn_transform.onnx", "vwn_transform.passes.pipeline",
+           "vwn_transform.passes.fusion", "vwn_transform.backend"]
 
 
 @pytest.mark.parametrize("name", MODULES)

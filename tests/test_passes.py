@@ -2,13 +2,14 @@
 
 * ``find_residual_updates`` finds sequential and parallel updates and names the sublayers; a block without one
   raises the specific ``NoResidualUpdateError``;
-* ``rewrite_block_graph`` + ``compile_block_graph`` replace every update by ``contract``/``expand`` calls: with
-  stand-in GHCs whose contract is the identity and whose expand is ``h + z``, the rewritten block must compute
-  exactly what the original computed (an independent check of the rewiring, no VWN math involved);
-* ``fuse_write_read`` turns each expand whose result the next GHC contracts into one ``expand_contract`` (same
-  output with stand-ins that record calls), and leaves an expand with two consumers alone;
-* ``backend.fuse_cross_block`` fuses ``ghc_write`` -> ``ghc_read_dynamic`` op pairs of an fx graph into the fused
-  op with the same outputs as the pair (reference kernels), and leaves pairs with different (n, m) alone.
+* ``rewrite_block_graph`` + ``compile_block_graph`` replace every update by the GHC read and write ops: at ratio
+  1 (n = m = 1, paper init: read, carry and write are 1) the rewritten block must compute exactly what the
+  original computed; with random GHC parameters at (m, n) = (2, 3) it must compute what the GHC modules' own
+  ``forward`` computes around the same sublayers (an independent path through the modules' methods);
+* the fusion pass (``passes.fusion.FuseWriteRead``, one pass for widen() and the backend) turns each write whose
+  result the next dynamic read reads into ``ghc_write_read_dynamic`` with the same outputs, and leaves alone a
+  write read twice, static reads, GHCs that recompute, and pairs with different (n, m);
+* ``backend.fuse_cross_block`` runs it on an fx graph as Dynamo hands it over (example values in the meta).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from vwn_transform import GHC
 from vwn_transform.backend import fuse_cross_block
 from vwn_transform.kernels import reference as ref
 from vwn_transform.passes.block_graph import (
@@ -29,10 +31,10 @@ from vwn_transform.passes.block_graph import (
     NoResidualUpdateError,
     compile_block_graph,
     find_residual_updates,
-    fuse_write_read,
     rewrite_block_graph,
     trace_block,
 )
+from vwn_transform.passes.fusion import fuse_write_read, is_op
 
 
 class PreNormBlock(nn.Module):
@@ -70,49 +72,40 @@ class NoResidual(nn.Module):
         return self.lin(s) + 1.0
 
 
-class IdentityGHC(nn.Module):
-    """Stand-in GHC: contract is the identity (no coefficients), expand is the plain residual add."""
-
-    def __init__(self, calls: list):
-        super().__init__()
-        self.calls = calls
-
-    def contract(self, h):
-        self.calls.append(("contract", self))
-        return h, None, None
-
-    def expand(self, h, z, carry_c, write_c):
-        self.calls.append(("expand", self))
-        return h + z
-
-    def expand_contract(self, h, z, carry_c, write_c, nxt):
-        self.calls.append(("expand_contract", self))
-        h_new = h + z
-        return h_new, nxt.contract(h_new)
-
-
 def traced(block, *args, **kwargs):
     spec, values = CallSpec.from_call(block, args, kwargs)
     graph = trace_block(block, spec)
     return graph, spec, values
 
 
-def rewritten(make, seed):
-    """A fresh block, its output on a random stream, and its graph rewritten into GHC form:
+def with_ghcs(block, count, n, m, dynamic=True, recompute=False, seed=None):
+    """Give ``block`` its ``vwn_ghc`` list of ``count`` GHCs at (m, n) (random parameters when ``seed`` is set)."""
+    ghcs = nn.ModuleList(GHC(None, 8, n, m, dynamic=dynamic, recompute=recompute) for _ in range(count))
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in ghcs.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    setattr(block, GHC_CONTAINER, ghcs)
+    return list(ghcs)
+
+
+def rewritten(make, seed, n=1, m=1, **ghc_kwargs):
+    """A fresh block with GHCs, its original output on a random stream, and its graph rewritten into the GHC ops:
     ``(block, output, graph, placeholder values, updates)``."""
     torch.manual_seed(seed)
     block = make()
     s = torch.randn(2, 3, 8)
     graph, spec, values = traced(block, s)
     updates = find_residual_updates(graph, block, spec.stream_placeholder(), "test block")
-    rewrite_block_graph(graph, updates)
+    ghcs = with_ghcs(block, len(updates), n, m, **ghc_kwargs)
+    rewrite_block_graph(graph, updates, ghcs)
     return block, block(s), graph, values, updates
 
 
-def widened_with_stand_ins(block, updates):
-    calls: list = []
-    setattr(block, GHC_CONTAINER, nn.ModuleList(IdentityGHC(calls) for _ in updates))
-    return calls
+def op_counts(graph) -> dict[str, int]:
+    names = ("ghc_read_dynamic", "ghc_read_static", "ghc_write", "ghc_write_read_dynamic")
+    return {name: sum(is_op(node, name) for node in graph.nodes) for name in names}
 
 
 @pytest.mark.parametrize("make,sublayers,parallel", [
@@ -138,47 +131,77 @@ def test_no_residual_update_is_a_specific_error():
 
 
 @pytest.mark.parametrize("make", [PreNormBlock, ParallelBlock])
-def test_rewrite_preserves_the_block_with_identity_ghcs(make):
-    block, want, graph, values, updates = rewritten(make, seed=0)
-    targets = [n.target for n in graph.nodes if n.op == "call_method"]
-    assert targets.count("contract") == targets.count("expand") == len(updates)
-    names = {n.name for n in graph.nodes}
-    assert {f"ghc_in_{i}" for i in range(len(updates))} <= names and {f"h_{i}" for i in range(len(updates))} <= names
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_rewrite_at_ratio_one_preserves_the_block(make, dynamic):
+    block, want, graph, values, updates = rewritten(make, seed=0, dynamic=dynamic)
+    read = "ghc_read_dynamic" if dynamic else "ghc_read_static"
+    assert op_counts(graph)[read] == op_counts(graph)["ghc_write"] == len(updates)
     assert all(n.meta.get("vwn_pass") == "rewrite_block_graph" for n in graph.nodes
-               if n.op == "call_method" and n.target in ("contract", "expand"))
-    calls = widened_with_stand_ins(block, updates)
+               if is_op(n, read) or is_op(n, "ghc_write"))
+    assert {f"h_{i}" for i in range(len(updates))} <= {n.name for n in graph.nodes}
     fn, src = compile_block_graph(graph, "test")
-    assert "contract" in src and "expand" in src
+    assert f"torch.ops.vwn.{read}" in src and "torch.ops.vwn.ghc_write" in src
     # exact up to the order of the adds (a parallel block's s + a + b becomes s + (a + b))
     torch.testing.assert_close(fn(block, *values), want, rtol=1e-6, atol=1e-6)
-    assert [c[0] for c in calls] == ["contract", "expand"] * len(updates)
 
 
-def test_fuse_write_read_fuses_adjacent_pairs_only():
+@pytest.mark.parametrize("make", [PreNormBlock, ParallelBlock])
+def test_rewrite_computes_what_the_ghc_modules_compute(make):
+    """Random GHC parameters at (m, n) = (2, 3): the generated ops must be wired as GHC.forward wires them."""
+    torch.manual_seed(1)
+    block = make()
+    s = torch.randn(2, 3, 8)
+    graph, spec, _ = traced(block, s)
+    updates = find_residual_updates(graph, block, spec.stream_placeholder(), "test block")
+    ghcs = with_ghcs(block, len(updates), n=3, m=2, seed=2)
+    rewrite_block_graph(graph, updates, ghcs)
+    fn, _ = compile_block_graph(graph, "test")
+    h = torch.randn(2, 3, 12)  # [batch, seq, n*d]
+    if make is PreNormBlock:
+        sublayers = [lambda x: block.attn(block.ln1(x)) * 1.0, lambda x: block.mlp(block.ln2(x))]
+    else:
+        sublayers = [lambda x: block.attn(block.ln(x)) + block.mlp(block.ln(x))]
+    want = h
+    for ghc, sublayer in zip(ghcs, sublayers):
+        ghc.sublayer = sublayer
+        want = ghc(want)
+        ghc.sublayer = None
+    torch.testing.assert_close(fn(block, h), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_pass_fuses_adjacent_dynamic_pairs_only():
     block, want, graph, values, updates = rewritten(PreNormBlock, seed=1)
     unfused = copy.deepcopy(graph)
-    assert fuse_write_read(graph) is True
-    targets = [n.target for n in graph.nodes if n.op == "call_method"]
-    # update 0's expand feeds update 1's contract: fused; update 1's expand is the block's output: kept
-    assert targets == ["contract", "expand_contract", "expand"], targets
-    calls = widened_with_stand_ins(block, updates)
+    assert fuse_write_read(graph) == 1
+    # update 0's write feeds update 1's read: fused; update 1's write is the block's output: kept
+    assert op_counts(graph) == {"ghc_read_dynamic": 1, "ghc_read_static": 0, "ghc_write": 1,
+                                "ghc_write_read_dynamic": 1}
+    assert sum(n.meta.get("vwn_pass") == "fuse_write_read" for n in graph.nodes) >= 2
     fn, _ = compile_block_graph(graph, "test")
-    torch.testing.assert_close(fn(block, *values), want, rtol=0, atol=0)
-    ghcs = list(getattr(block, GHC_CONTAINER))
-    assert calls == [("contract", ghcs[0]), ("expand_contract", ghcs[0]), ("contract", ghcs[1]), ("expand", ghcs[1])]
-    assert fuse_write_read(graph) is False  # nothing left to fuse
+    torch.testing.assert_close(fn(block, *values), want, rtol=1e-6, atol=1e-6)
+    assert fuse_write_read(graph) == 0  # nothing left to fuse
 
-    # an expand contracted by two GHCs has no single next read to fuse with: left alone
-    expand0 = next(n for n in unfused.nodes if n.op == "call_method" and n.target == "expand")
-    contract1 = next(n for n in unfused.nodes if n.op == "call_method" and n.target == "contract" and
-                     n.args[1] is expand0)
+    # a write read by two dynamic reads has no single next read to fuse with: left alone
+    write0 = next(n for n in unfused.nodes if is_op(n, "ghc_write"))
+    read1 = next(n for n in unfused.nodes if is_op(n, "ghc_read_dynamic") and n.args[0] is write0)
     output = next(n for n in unfused.nodes if n.op == "output")
     with unfused.inserting_before(output):
-        again = unfused.call_method("contract", (contract1.args[0], expand0))
+        again = unfused.call_function(read1.target, read1.args)
         extra = unfused.call_function(operator.getitem, (again, 0))
     output.args = ((output.args[0], extra),)
-    assert fuse_write_read(unfused) is False
-    assert [n.target for n in unfused.nodes if n.op == "call_method"].count("expand_contract") == 0
+    assert fuse_write_read(unfused) == 0
+    assert op_counts(unfused)["ghc_write_read_dynamic"] == 0
+
+
+@pytest.mark.parametrize("kind", ["static", "recompute"])
+def test_fusion_pass_leaves_static_and_recomputing_ghcs_alone(kind):
+    kwargs = {"dynamic": False} if kind == "static" else {"recompute": True}
+    block, want, graph, values, _ = rewritten(PreNormBlock, seed=3, n=2, m=1, **kwargs)
+    before = [n.target for n in graph.nodes]
+    assert fuse_write_read(graph) == 0
+    assert [n.target for n in graph.nodes] == before
+    if kind == "recompute":  # the methods whose hooks drop the coefficients
+        assert [n.target for n in graph.nodes if n.op == "call_method"] == ["contract", "expand"] * 2
 
 
 def _write_read_graph(n_w, m_w, n_r, m_r):
@@ -251,15 +274,17 @@ def test_runner_names_the_failing_pass_and_what_ran_before():
 
 
 def test_lowering_runs_the_block_passes_in_order():
-    from vwn_transform.passes.block_graph import FuseWriteRead, RewriteResidualUpdates
+    from vwn_transform.passes.block_graph import RewriteResidualUpdates
+    from vwn_transform.passes.fusion import FuseWriteRead
     from vwn_transform.passes.pipeline import PassError, run_passes
 
     block = PreNormBlock()
     graph, spec, _ = traced(block, torch.randn(2, 3, 8))
     updates = find_residual_updates(graph, block, spec.stream_placeholder(), "test block")
-    with pytest.raises(PassError, match="'fuse_write_read' requires \\['ghc-form'\\]"):
+    ghcs = with_ghcs(block, len(updates), n=3, m=2)
+    with pytest.raises(PassError, match="'fuse_write_read' requires \\['ghc-ops'\\]"):
         run_passes(graph, [FuseWriteRead()], "test block", established=("residual-updates",))
-    results = run_passes(graph, [RewriteResidualUpdates(updates), FuseWriteRead()], "test block",
+    results = run_passes(graph, [RewriteResidualUpdates(updates, ghcs), FuseWriteRead()], "test block",
                          established=("residual-updates",))
     assert [(n, r.changed, r.count) for n, r in results] == [("rewrite_block_graph", True, 2),
                                                              ("fuse_write_read", True, 1)]

@@ -17,6 +17,7 @@ from vwn_transform.kernels import triton_ops as tri
 from vwn_transform.kernels.measured import auto_choice
 from vwn_transform.kernels.triton_common import interpreting
 from vwn_transform.models import GPT, GPTConfig
+from vwn_transform import VWNConfig
 
 # (m, n, N, d): one token and many (the FMA kernels (n <= 8) at 577, the tensor-core ones (n > 8), which the
 # interpreter runs a token at a time (~0.1-0.2 s each at (8, 64)), at 37: several programs natively, a ragged last
@@ -479,8 +480,6 @@ def _dropped_bytes(model, idx):
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_recompute_gives_the_same_gradients_with_less_memory(impl):
-    from vwn_transform import VWNConfig
-
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     torch.manual_seed(0)
     base = GPT(cfg)
@@ -544,7 +543,12 @@ def test_blocks_run_the_fused_op_and_keep_gradients(impl):
     wide = vwn_transform.widen(GPT(cfg), 4, m=2, init="paper").train()
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(6))
     source = next(iter(wide.transformer.h[0].vwn_runner.sources.values()))
-    assert "expand_contract" in source  # attention's write fused with the MLP's read
+    assert "ghc_write_read_dynamic" in source  # attention's write fused with the MLP's read
+    # the same model with recompute=True: its GHCs keep their contract/expand methods, which the fusion pass
+    # leaves alone (the recomputation needs the two halves)
+    unfused = vwn_transform.widen(GPT(cfg), config=VWNConfig(n=8, m=2, init="paper", recompute=True)).train()
+    unfused.load_state_dict(wide.state_dict())
+    assert "ghc_write_read_dynamic" not in next(iter(unfused.transformer.h[0].vwn_runner.sources.values()))
     ops.set_impl(impl)
     ops.reset_implementations_used()
     try:
@@ -552,15 +556,12 @@ def test_blocks_run_the_fused_op_and_keep_gradients(impl):
         loss.backward()
         fused = {k: p.grad.clone() for k, p in wide.named_parameters()}
         assert ops.implementations_used()["ghc_write_read_dynamic"] == impl
-        wide.zero_grad()
-        for g in (m for m in wide.modules() if isinstance(m, vwn_transform.GHC)):
-            g.recompute = True  # expand_contract falls back to the two halves (recompute needs them)
-        loss2 = wide(idx, idx)[1]
+        loss2 = unfused(idx, idx)[1]
         loss2.backward()
     finally:
         ops.set_impl(None)
     assert abs(loss.item() - loss2.item()) <= 1e-6
-    for k, p in wide.named_parameters():
+    for k, p in unfused.named_parameters():
         assert rel_err(p.grad, fused[k]) <= 1e-5, k
 
 

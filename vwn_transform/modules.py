@@ -55,8 +55,10 @@ class GHC(nn.Module):
         >>> ghc(h).shape
         torch.Size([2, 5, 96])
 
-    ``contract(h)`` and ``expand(h, z, carry_c, write_c)`` are the two halves, used by graph rewrites where
-    the sublayer is not one callable.
+    ``contract(h)`` and ``expand(h, z, carry_c, write_c)`` are the two halves, for code where the sublayer is not
+    one callable. (widen() does not call them: its block rewrite calls the ops they call, with this module's
+    parameters, so that one fusion pass serves widened blocks and the compile backend; see
+    ``vwn_transform.passes.block_graph``.)
 
     ``recompute=True`` (dynamic GHC only): the mixing coefficients and the read statistics are not kept for the
     backward; they are recomputed there from the state (which is kept anyway), once per GHC call. It saves
@@ -160,23 +162,6 @@ class GHC(nn.Module):
             with recomputed.hooks(keep=(h, z)):  # the coefficients are dropped, recomputed in the backward
                 return torch.ops.vwn.ghc_write(h, z, carry_c, write_c)
         return torch.ops.vwn.ghc_write(h, z, carry_c, write_c)
-
-    def expand_contract(self, h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor,
-                        nxt: "GHC"):
-        """``expand()`` of this GHC followed by ``nxt.contract()`` on its result, as the cross-layer fused op
-        ``vwn::ghc_write_read_dynamic`` (one pass over the new state saved). Returns ``(h_new, (x, carry_c,
-        write_c))``. When the fused op does not apply (``nxt`` static, or either side recomputes its
-        coefficients) it runs the two halves, which compute the same."""
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"GHC sublayer output must have last dimension dim={self.dim}, got {tuple(z.shape)}")
-        if not nxt.dynamic or nxt.recompute or self.recompute or (nxt.n, nxt.m) != (self.n, self.m):
-            h_new = self.expand(h, z, carry_c, write_c)
-            return h_new, nxt.contract(h_new)
-        nxt._check_state(h)
-        h_new, x, cc, wc, _stats = torch.ops.vwn.ghc_write_read_dynamic(
-            h, z, carry_c, write_c, nxt.norm.weight, nxt.proj, nxt.read, nxt.carry, nxt.write, nxt.scale_read,
-            nxt.scale_carry, nxt.scale_write, nxt.eps)
-        return h_new, (x, cc, wc)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.sublayer is None:

@@ -142,6 +142,22 @@ def _tokens(h: torch.Tensor, slots: int) -> torch.Tensor:
     return h.reshape(-1, slots, h.shape[-1] // slots)
 
 
+def _check_widths(op: str, h: torch.Tensor, n: int, m: int, d: int | None = None,
+                  z: torch.Tensor | None = None) -> None:
+    """The state ``h`` must be ``[..., n*d]`` (``d`` the slot width: given by a parameter, else ``h``'s width / n) and
+    a sublayer output ``z`` ``[..., m*d]``; otherwise a ValueError naming the op, the shapes and the valid width."""
+    width = h.shape[-1] if h.dim() else None
+    if d is None and width is not None and width % n == 0:
+        d = width // n
+    if d is None or width != n * d:
+        wanted = f"n*d = {n}*{d} = {n * d}" if d is not None else f"a multiple of the n={n} slots"
+        raise ValueError(f"vwn::{op}: the over-width state must have last dimension {wanted}, got shape "
+                         f"{tuple(h.shape)}; a widened block takes the widened stream (width r*D), not the original")
+    if z is not None and (not z.dim() or z.shape[-1] != m * d):
+        raise ValueError(f"vwn::{op}: the sublayer output must have last dimension m*d = {m}*{d} = {m * d} (the "
+                         f"model width), got shape {tuple(z.shape)}")
+
+
 def _coef(c: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     # static [rows, cols] stays; dynamic [..., rows, cols] -> [N, rows, cols]
     return c if c.dim() == 2 else c.reshape(-1, rows, cols)
@@ -168,6 +184,7 @@ def ghc_read_dynamic(
     ``stats`` (pre-tanh logits and per-slot 1/rms, non-differentiable) is saved for the backward.
     """
     n, m = read.shape
+    _check_widths("ghc_read_dynamic", h, n, m, norm_weight.shape[0])
     impl = _resolve("ghc_read_dynamic", h, (n, m))
     lead = h.shape[:-1]
     x, carry_c, write_c, stats = impl.read_dynamic(
@@ -181,6 +198,7 @@ def ghc_read_dynamic(
 @ghc_read_dynamic.register_fake
 def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     n, m = read.shape
+    _check_widths("ghc_read_dynamic", h, n, m, norm_weight.shape[0])
     lead = h.shape[:-1]
     x = h.new_empty((*lead, h.shape[-1] // n * m))
     ct = reference.compute_dtype(h.dtype)
@@ -255,6 +273,7 @@ torch.library.register_autograd("vwn::ghc_read_dynamic", _read_dynamic_bwd, setu
 @torch.library.custom_op("vwn::ghc_read_static", mutates_args=())
 def ghc_read_static(h: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
     n, m = read.shape
+    _check_widths("ghc_read_static", h, n, m)
     impl = _resolve("ghc_read_static", h, (n, m))
     return impl.read_static(_tokens(h, n), read).reshape(*h.shape[:-1], -1)
 
@@ -262,6 +281,7 @@ def ghc_read_static(h: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
 @ghc_read_static.register_fake
 def _(h, read):
     n, m = read.shape
+    _check_widths("ghc_read_static", h, n, m)
     return h.new_empty((*h.shape[:-1], h.shape[-1] // n * m))
 
 
@@ -298,6 +318,7 @@ torch.library.register_autograd("vwn::ghc_read_static", _read_static_bwd, setup_
 @torch.library.custom_op("vwn::ghc_write", mutates_args=())
 def ghc_write(h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor) -> torch.Tensor:
     n, m = write_c.shape[-2:]
+    _check_widths("ghc_write", h, n, m, z=z)
     impl = _resolve("ghc_write", h, (n, m), z)
     out = impl.write(_tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m))
     return out.reshape(h.shape)
@@ -305,6 +326,7 @@ def ghc_write(h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: 
 
 @ghc_write.register_fake
 def _(h, z, carry_c, write_c):
+    _check_widths("ghc_write", h, *write_c.shape[-2:], z=z)
     return torch.empty_like(h, dtype=reference.state_dtype(h, z))
 
 
@@ -357,6 +379,7 @@ def ghc_write_read_dynamic(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ghc_write`` followed by the next GHC's ``ghc_read_dynamic``: ``(h_new, x, carry_c, write_c, stats)``."""
     n, m = read.shape
+    _check_widths("ghc_write_read_dynamic", h, n, m, norm_weight.shape[0], z)
     impl = _resolve("ghc_write_read_dynamic", h, (n, m), z)
     lead = h.shape[:-1]
     h_new, x, cc2, wc2, stats = impl.write_read_dynamic(
@@ -370,6 +393,7 @@ def ghc_write_read_dynamic(
 @ghc_write_read_dynamic.register_fake
 def _(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
     n, m = read.shape
+    _check_widths("ghc_write_read_dynamic", h, n, m, norm_weight.shape[0], z)
     lead = h.shape[:-1]
     st = reference.state_dtype(h, z)  # h_new and x: h and z promoted
     ct = reference.compute_dtype(st)

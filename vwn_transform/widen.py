@@ -431,7 +431,7 @@ def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op:
     graph = copy.deepcopy(analysis.graph)  # the analysis stays reusable
     node_map = dict(zip(analysis.graph.nodes, graph.nodes))
     updates = [u.remapped(node_map) for u in analysis.updates]
-    fn, src = lower_block_graph(graph, updates, analysis.name)
+    fn, src = lower_block_graph(graph, updates, ghcs, analysis.name)
     runner = BlockRunner(analysis.name, [u.sublayers for u in analysis.updates])
     runner.install(analysis.spec.key, fn, src)
     op.set(block, GHC_CONTAINER, ghcs)
