@@ -3,7 +3,7 @@
 What `vwn demo` / `vwn study` should use by default (issue 12: `vwn study --quick` took 36.9 s with torch's
 default threads and 11.8 s with OMP_NUM_THREADS=1 on the 2-core machine). One measured unit is one interleaved
 demo step: the baseline GPT's step, then its widened twin's (forward + backward + clip + AdamW), exactly as
-``vwn_transform.demo.train_models`` runs them. Thread counts are interleaved too (round-robin, order rotated
+``vwn_experiments.train_models`` runs them. Thread counts are interleaved too (round-robin, order rotated
 each round), so machine noise hits every setting alike; the table gives the median per setting and its ratio to
 the 1-thread median.
 
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from vwn_transform.demo import Batches, DemoSettings, base_model, make_optimizer, widened_twin
+from vwn_experiments import Batches, DemoSettings, base_model, make_optimizer, widened_twin
 
 
 def one_step(models, opts, batches, step):

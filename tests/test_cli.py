@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vwn_transform.demo import fit_log_linear, token_efficiency, tokens_to_reach
+from vwn_experiments import fit_log_linear, token_efficiency, tokens_to_reach
 
 VWN = Path(sys.executable).parent / "vwn"  # the installed console script
 
@@ -235,7 +235,7 @@ def test_plan_and_export_a_local_checkpoint_directory(tmp_path, capsys):
 # demo robustness: optional dependencies checked before training, numbers kept when a later step fails
 # ------------------------------------------------------------------------------------------------------------
 def test_demo_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
-    from vwn_transform import demo
+    from vwn_experiments import shakespeare as demo
 
     def no_matplotlib():
         raise ImportError("plots need matplotlib: pip install 'vwn_transform[demo]'")
@@ -253,7 +253,7 @@ def test_demo_keeps_results_json_when_the_export_fails(tmp_path, monkeypatch):
     import torch
 
     import vwn_transform.onnx
-    from vwn_transform import demo
+    from vwn_experiments import shakespeare as demo
 
     def broken_export(*args, **kwargs):
         raise RuntimeError("onnxruntime exploded")
@@ -272,7 +272,7 @@ def test_demo_keeps_results_json_when_the_export_fails(tmp_path, monkeypatch):
 def test_demo_thread_choice(monkeypatch):
     import torch
 
-    from vwn_transform.demo import DEFAULT_CPU_THREADS, choose_threads
+    from vwn_experiments import DEFAULT_CPU_THREADS, choose_threads
 
     cpu = torch.device("cpu")
     assert choose_threads(3, cpu) == (3, "--threads")

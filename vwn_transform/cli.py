@@ -389,7 +389,7 @@ def cmd_export(args) -> int:
 
 
 def _demo_settings(args):
-    from .demo import DemoSettings
+    from vwn_experiments import DemoSettings
 
     overrides = {"seed": args.seed, "device": args.device}
     if args.steps is not None:
@@ -400,7 +400,7 @@ def _demo_settings(args):
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from vwn_experiments import run_demo
 
     run_demo(_demo_settings(args), args.out, ratio=args.ratio, m=args.m, mtp=args.mtp, export=not args.no_onnx,
              progress=not args.no_progress, threads=args.threads)
@@ -408,7 +408,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .demo import run_study
+    from vwn_experiments import run_study
 
     run_study(_demo_settings(args), args.out, ratios=args.ratios, m=args.m, progress=not args.no_progress,
               threads=args.threads)

@@ -8,7 +8,7 @@ and train for the same token budget.
 
 Example (about 30 s on 2 CPU cores)::
 
-    >>> from vwn_transform.demo import DemoSettings, run_demo
+    >>> from vwn_experiments import DemoSettings, run_demo
     >>> results = run_demo(DemoSettings.quick(), out_dir="vwn_demo_out")  # doctest: +SKIP
     >>> results["token_efficiency"]  # doctest: +SKIP
 """
@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import choose_slots, parse_ratio
-from .models import GPT, GPTConfig
+from vwn_transform.config import choose_slots, parse_ratio
+from vwn_transform.models import GPT, GPTConfig
 
 log = logging.getLogger("vwn_transform")
 
@@ -215,14 +215,14 @@ def base_model(settings: DemoSettings, device: torch.device) -> GPT:
 
 
 def widened_twin(base: GPT, ratio, m: int | None, mtp: bool = False) -> nn.Module:
-    from .widen import widen
+    from vwn_transform.widen import widen
 
     return widen(base, ratio, m=m, mtp=mtp) if mtp else widen(base, ratio, m=m)
 
 
 def make_optimizer(model: nn.Module, settings: DemoSettings) -> torch.optim.Optimizer:
     """AdamW over :func:`~vwn_transform.param_groups` (no decay on static GHC matrices and vectors)."""
-    from .training import param_groups
+    from vwn_transform.training import param_groups
 
     return torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
 
@@ -432,7 +432,7 @@ def _echo(message: str) -> None:
 
 
 def _environment() -> dict:
-    from . import __version__
+    from vwn_transform import __version__
 
     return {"vwn_transform": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
@@ -454,7 +454,7 @@ def _check_optional_dependencies(export: bool) -> None:
     _pyplot()
     if export:
         try:
-            from . import onnx as _onnx  # noqa: F401
+            from vwn_transform import onnx as _onnx  # noqa: F401
             import onnxruntime  # noqa: F401
         except ImportError as exc:
             raise ImportError(f"the ONNX export at the end of the demo needs the ONNX extra: pip install "
@@ -511,7 +511,7 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
                 f"byte-level GPT ({settings.n_layer}L, D={settings.n_embd}) vs VWN twin r={r} (m={cfg.m}, n={cfg.n})")
     written.append(out / "loss_curves.png")
     if export:
-        from .onnx import export_onnx
+        from vwn_transform.onnx import export_onnx
 
         example = (batches.train_batch(0)[0][:2, : min(16, settings.block_size)].cpu(),)  # [2, <=16]
         try:
