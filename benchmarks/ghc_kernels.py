@@ -69,6 +69,15 @@ def make_case(N, m, n, D, dtype, device):
     return d, h, z, p
 
 
+def read_params(p):
+    """The dynamic read's parameter arguments: ``(norm_weight, proj, gates, scales)``, the maps and the gate scales
+    stacked ``[read | carry | write^T]`` as the ops take them."""
+    from vwn_transform.ops import stack_gates
+
+    return (p["norm_weight"], p["proj"], stack_gates(p["read"], p["carry"], p["write"]),
+            stack_gates(p["scale_read"], p["scale_carry"], p["scale_write"]))
+
+
 def byte_floors(op: str, N: int, m: int, n: int, d: int, elem: int) -> tuple[int, int]:
     """(forward, backward) bytes ``op`` must move at least (``shared/spec/gpu-kernels.md`` section 3): every input
     read once, every output written once; state elements of ``elem`` bytes, fp32 coefficients."""
@@ -96,8 +105,7 @@ def kernel_rows(args, device, bench, bandwidth):
         for m, n in args.slots:
             d, h, z, p = make_case(args.tokens, m, n, D, dtype, device)
             N = args.tokens
-            P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
-                                     "scale_write"))
+            P = read_params(p)
             _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
             gx, gout = torch.randn_like(z), torch.randn_like(h)
             cases = {

@@ -97,8 +97,9 @@ def stage_env(args) -> dict:
 def _op_outputs(lib, case, cast):
     """Every op forward and backward of ``lib`` on one case: {name: tuple of tensors}."""
     h, z, p, gx, gcc, gwc, gout, cc, wc = (case[k] for k in ("h", "z", "p", "gx", "gcc", "gwc", "gout", "cc", "wc"))
-    P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
-                             "scale_write"))
+    from ghc_kernels import read_params
+
+    P = read_params(p)
     hh, zz, gxx, gg = cast(h), cast(z), cast(gx), cast(gout)
     fwd = lib.read_dynamic(hh, *P, 1e-6)
     stats = case["stats"].to(fwd[3].dtype)  # both backwards from the same statistics
@@ -116,7 +117,7 @@ def _op_outputs(lib, case, cast):
 
 def stage_parity(args) -> dict:
     import torch
-    from ghc_kernels import make_case
+    from ghc_kernels import make_case, read_params
 
     from vwn_transform.kernels import reference as ref
     from vwn_transform.kernels import triton_ops as tri
@@ -132,8 +133,7 @@ def stage_parity(args) -> dict:
                 rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
                 case = dict(h=h, z=z, p=p, gx=rnd(N, m, d).to(dtype), gcc=rnd(N, n, n), gwc=rnd(N, n, m),
                             gout=rnd(N, n, d).to(dtype), cc=rnd(N, n, n), wc=rnd(N, n, m))
-                P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read",
-                                         "scale_carry", "scale_write"))
+                P = read_params(p)
                 case["stats"] = ref.read_dynamic(h, *P, 1e-6)[3]
                 case["h_new"] = ref.write(h, z, case["cc"], case["wc"])
                 case["stats_new"] = ref.read_dynamic(case["h_new"], *P, 1e-6)[3]
@@ -164,7 +164,7 @@ def _rel(a, b) -> float:
 
 def stage_kernels(args) -> dict:
     import torch
-    from ghc_kernels import byte_floors, copy_bandwidth, make_case, timer
+    from ghc_kernels import byte_floors, copy_bandwidth, make_case, read_params, timer
 
     from vwn_transform.kernels import reference as ref
     from vwn_transform.kernels import triton_ops as tri
@@ -183,8 +183,7 @@ def stage_kernels(args) -> dict:
     rows = Rows()
     for m, n in args.slots or sizes["slots"]:
         d, h, z, p = make_case(N, m, n, sizes["D"], dtype, device)
-        P = tuple(p[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
-                                 "scale_write"))
+        P = read_params(p)
         _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
         h_new = ref.write(h, z, cc, wc)
         stats_new = ref.read_dynamic(h_new, *P, 1e-6)[3]

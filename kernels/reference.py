@@ -24,6 +24,8 @@ import torch
 
 __all__ = [
     "dynamic_coefficients",
+    "gate_slots",
+    "stack_gates",
     "read_dynamic",
     "read_dynamic_backward",
     "read_static",
@@ -46,13 +48,28 @@ def _split(c: torch.Tensor, m: int, n: int):
     return c[..., :m], c[..., m : m + n], c[..., m + n :]
 
 
-def _stacked(read, carry, write, ct):
-    # the three static maps side by side as one [n, 2m+n] matrix: [A_read | A_carry | B^T]
-    return torch.cat([read.to(ct), carry.to(ct), write.to(ct).t()], dim=1)
+def stack_gates(read: torch.Tensor, carry: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+    """The three maps of a GHC side by side, as the dynamic-read ops take them: ``[read | carry | write^T]``,
+    ``[n, m], [n, n], [m, n] -> [n, 2m+n]`` (the ``gates`` from ``read``/``carry``/``write``, the ``scales`` from
+    ``scale_read``/``scale_carry``/``scale_write``). Differentiable: autograd splits the gradient back."""
+    n, m = read.shape
+    if tuple(carry.shape) != (n, n) or tuple(write.shape) != (m, n):
+        raise ValueError(f"stack_gates: expected read [n, m], carry [n, n], write [m, n]; got {tuple(read.shape)}, "
+                         f"{tuple(carry.shape)}, {tuple(write.shape)}")
+    return torch.cat([read, carry, write.t()], dim=1)
 
 
-def dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
-    """Coefficients of a dynamic GHC.
+def gate_slots(gates: torch.Tensor) -> tuple[int, int]:
+    """``(n, m)`` of stacked gates ``[n, 2m+n]`` (:func:`stack_gates`)."""
+    if gates.dim() != 2 or (gates.shape[1] - gates.shape[0]) % 2 or gates.shape[1] <= gates.shape[0]:
+        raise ValueError(f"gates must be [read | carry | write^T] of shape [n, 2m+n] with m >= 1, got "
+                         f"{tuple(gates.shape)}")
+    n = gates.shape[0]
+    return n, (gates.shape[1] - n) // 2
+
+
+def dynamic_coefficients(h, norm_weight, proj, gates, scales, eps):
+    """Coefficients of a dynamic GHC (``gates``/``scales`` ``[n, 2m+n]``, :func:`stack_gates`).
 
     Returns ``(coef, stats)``: the gated coefficients ``coef = [Read | Carry | WriteT]`` ``[N, n, 2m+n]`` and
     ``stats = [logits | 1/rms]`` ``[N, n, 2m+n+1]`` (mixing precision), all the backward needs besides ``h``.
@@ -71,8 +88,7 @@ def dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, s
     # itself as the right operand (benchmarks/NOTES.md)
     u = torch.matmul(hf, wg.t().contiguous().t())  # [N, n, 2m+n]
     logits = u * (inv_rms * (1.0 / math.sqrt(d)))
-    coef = torch.addcmul(_stacked(read, carry, write, ct), _stacked(scale_read, scale_carry, scale_write, ct),
-                         torch.tanh(logits))
+    coef = torch.addcmul(gates.to(ct), scales.to(ct), torch.tanh(logits))
     return coef, torch.cat([logits, inv_rms], dim=-1)
 
 
@@ -81,35 +97,31 @@ def _read(hf: torch.Tensor, read_c: torch.Tensor) -> torch.Tensor:
     return torch.matmul(read_c.transpose(-1, -2), hf)
 
 
-def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
-    """Dynamic GHC read.
+def read_dynamic(h, norm_weight, proj, gates, scales, eps):
+    """Dynamic GHC read (``gates``/``scales``: the stacked maps and gate scales, ``[n, 2m+n]``).
 
     Returns ``(x [N, m, d] model dtype, carry_c [N, n, n], write_c [N, n, m], stats [N, n, 2m+n+1])``; ``stats``
     (pre-tanh logits and per-slot 1/rms) is what :func:`read_dynamic_backward` needs, so it does not recompute.
     """
     ct = compute_dtype(h.dtype)
-    n, m = read.shape
-    coef, stats = dynamic_coefficients(h, norm_weight, proj, read, carry, write, scale_read, scale_carry,
-                                       scale_write, eps)
+    n, m = gate_slots(gates)
+    coef, stats = dynamic_coefficients(h, norm_weight, proj, gates, scales, eps)
     read_c, carry_c, write_c = _split(coef, m, n)
     x = _read(h.to(ct), read_c).to(h.dtype)
     # clones: outputs of a custom op may not alias each other (slices of one tensor would, e.g. at n = m = 1)
     return x, carry_c.clone(), write_c.clone(), stats
 
 
-def read_dynamic_backward(
-    h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, stats,
-    grad_x, grad_carry_c, grad_write_c,
-):
-    """Gradients of :func:`read_dynamic` with respect to ``h`` and the nine parameters (same order)."""
+def read_dynamic_backward(h, norm_weight, proj, gates, scales, eps, stats, grad_x, grad_carry_c, grad_write_c):
+    """Gradients of :func:`read_dynamic` with respect to ``h, norm_weight, proj, gates, scales``."""
     ct = compute_dtype(h.dtype)
-    n, m = read.shape
+    n, m = gate_slots(gates)
     d = h.shape[-1]
     hf = h.to(ct)
     logits, inv_rms = stats[..., :-1], stats[..., -1:]  # [N, n, 2m+n], [N, n, 1]
     c = torch.tanh(logits)
-    scales = _stacked(scale_read, scale_carry, scale_write, ct)  # [n, 2m+n]
-    read_c = torch.addcmul(read.to(ct), scales[:, :m], c[..., :m])  # [N, n, m]
+    scales_f = scales.to(ct)  # [n, 2m+n]
+    read_c = torch.addcmul(gates[:, :m].to(ct), scales_f[:, :m], c[..., :m])  # [N, n, m]
     gx = grad_x.to(ct)  # [N, m, d]
     g_read_c = torch.matmul(hf, gx.transpose(-1, -2))  # [N, n, m]: hf[t, j] . gx[t, i]
     g_h = torch.matmul(read_c, gx)  # [N, n, d] through X = Read^T H
@@ -117,7 +129,7 @@ def read_dynamic_backward(
     k = g_coef.shape[-1]
     g_static = g_coef.sum(0)  # [n, 2m+n]
     g_scales = (g_coef * c).sum(0)  # [n, 2m+n]
-    g_logits = g_coef * scales * (1.0 - c * c)  # through tanh
+    g_logits = g_coef * scales_f * (1.0 - c * c)  # through tanh
     # logits = u * inv_rms / sqrt(d) with u = H @ wg
     g_u = g_logits * (inv_rms * (1.0 / math.sqrt(d)))  # [N, n, 2m+n]
     g_wg = (g_u.reshape(-1, k).t() @ hf.reshape(-1, d)).t()  # [d, 2m+n]; this operand order is ~4x faster on CPU
@@ -130,13 +142,9 @@ def read_dynamic_backward(
     g_inv = (g_logits * logits).sum(-1, keepdim=True) / inv_rms  # [N, n, 1]
     g_h.addcmul_(hf, g_inv * inv_rms.pow(3) * (-1.0 / d))
 
-    g_read, g_carry, g_write_t = _split(g_static, m, n)
-    g_scale_read, g_scale_carry, g_scale_write_t = _split(g_scales, m, n)
-    grads = (g_h, g_norm_weight, g_proj, g_read, g_carry, g_write_t.t(), g_scale_read, g_scale_carry,
-             g_scale_write_t.t())
-    inputs = (h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
-    # the small gradients are slices of g_static/g_scales (and g_proj a transpose): contiguous copies, so that no
-    # two outputs alias and every output has the strides of the fake (meta) kernel
+    grads = (g_h, g_norm_weight, g_proj, g_static, g_scales)
+    inputs = (h, norm_weight, proj, gates, scales)
+    # contiguous copies, so that no two outputs alias and every output has the strides of the fake (meta) kernel
     return (g_h.to(h.dtype),) + tuple(g.to(t.dtype).clone(memory_format=torch.contiguous_format)
                                       for g, t in zip(grads[1:], inputs[1:]))
 
@@ -206,21 +214,19 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     return g_h.to(h.dtype), g_z.to(z.dtype), g_carry_c.to(carry_c.dtype), g_write_c.to(write_c.dtype)
 
 
-def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
-                       scale_write, eps):
+def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps):
     """:func:`write` then the next GHC's :func:`read_dynamic` on its result (the unfused meaning of the
     cross-layer fused op): ``(h_new, x, carry_c, write_c, stats)``."""
     h_new = write(h, z, carry_c, write_c)
-    return (h_new,) + read_dynamic(h_new, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
-                                   scale_write, eps)
+    return (h_new,) + read_dynamic(h_new, norm_weight, proj, gates, scales, eps)
 
 
-def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, read, carry, write_, scale_read,
-                                scale_carry, scale_write, eps, h_new, stats, grad_h_new, grad_x, grad_carry2,
-                                grad_write2):
-    """Gradients of :func:`write_read_dynamic`: ``(h, z, carry_c, write_c)`` then the nine read parameters."""
-    g_read = read_dynamic_backward(h_new, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
-                                   scale_write, eps, stats, grad_x, grad_carry2, grad_write2)
+def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps, h_new, stats,
+                                grad_h_new, grad_x, grad_carry2, grad_write2):
+    """Gradients of :func:`write_read_dynamic`: ``(h, z, carry_c, write_c)`` then the four read parameters
+    ``(norm_weight, proj, gates, scales)``."""
+    g_read = read_dynamic_backward(h_new, norm_weight, proj, gates, scales, eps, stats, grad_x, grad_carry2,
+                                   grad_write2)
     ct = compute_dtype(h_new.dtype)
     # dL/dH' summed in the mixing precision, rounded to the dtype of H' as autograd would sum it unfused
     g_total = (g_read[0].to(ct) + grad_h_new.to(ct)).to(h_new.dtype)

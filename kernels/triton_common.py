@@ -110,24 +110,18 @@ def write_coefficients(carry_c, write_c, N: int, n: int, m: int):
     return False, carry_c.reshape(N, n, n).float().contiguous(), write_c.reshape(N, n, m).float().contiguous()
 
 
-def gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write):
+def gate_maps(norm_weight, proj, gates, scales):
     """``(wg^T [K, d], base [n, K], scales [n, K])`` in fp32, K = 2m + n: the gain folded into the projection (one
-    contiguous row per gate column) and the static maps and scales stacked as ``[read | carry | write^T]``."""
+    contiguous row per gate column), the stacked maps ``[read | carry | write^T]`` and their gate scales."""
     wgt = (norm_weight.float()[:, None] * proj.float()).t().contiguous()
-    base = torch.cat([read.float(), carry.float(), write.float().t()], dim=1).contiguous()
-    scales = torch.cat([scale_read.float(), scale_carry.float(), scale_write.float().t()], dim=1).contiguous()
-    return wgt, base, scales
+    return wgt, gates.float().contiguous(), scales.float().contiguous()
 
 
-def dynamic_read_parameter_grads(g_static, g_scales, g_wg, norm_weight, proj, read, carry, write, scale_read,
-                                 scale_carry, scale_write) -> tuple:
-    """The dynamic read's parameter gradients in the reference's order (``norm_weight, proj, read, carry, write,
-    scale_read, scale_carry, scale_write``) from the kernels' sums: ``g_static``/``g_scales`` ``[n, K]`` (columns
-    ``[read | carry | write^T]``) and ``g_wg`` ``[d, K]`` (the gradient of the folded projection); each in its
-    parameter's dtype, contiguous (no two outputs alias)."""
-    n, m = read.shape
+def dynamic_read_parameter_grads(g_static, g_scales, g_wg, norm_weight, proj, gates, scales) -> tuple:
+    """The dynamic read's parameter gradients in the reference's order (``norm_weight, proj, gates, scales``) from
+    the kernels' sums: ``g_static``/``g_scales`` ``[n, K]`` and ``g_wg`` ``[d, K]`` (the gradient of the folded
+    projection); each in its parameter's dtype, contiguous (no two outputs alias)."""
     gain, w = norm_weight.float(), proj.float()
-    grads = ((g_wg * w).sum(1), g_wg * gain[:, None], g_static[:, :m], g_static[:, m:m + n],
-             g_static[:, m + n:].t(), g_scales[:, :m], g_scales[:, m:m + n], g_scales[:, m + n:].t())
-    params = (norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    grads = ((g_wg * w).sum(1), g_wg * gain[:, None], g_static, g_scales)
+    params = (norm_weight, proj, gates, scales)
     return tuple(g.to(p.dtype).clone(memory_format=torch.contiguous_format) for g, p in zip(grads, params))

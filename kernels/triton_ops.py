@@ -14,6 +14,7 @@ write's backward.
 """
 
 from . import triton_read_fma, triton_tc, triton_write_fma
+from .reference import gate_slots
 
 __all__ = ["read_dynamic", "read_dynamic_backward", "read_static", "read_static_backward", "write",
            "write_backward", "write_read_dynamic", "write_read_dynamic_backward"]
@@ -27,8 +28,8 @@ def _static_read_impl(read):
     return triton_read_fma if triton_read_fma.supports(*read.shape) else triton_tc
 
 
-def _dynamic_read_impl(read):
-    return triton_read_fma if triton_read_fma.supports_dynamic(*read.shape) else triton_tc
+def _dynamic_read_impl(gates):
+    return triton_read_fma if triton_read_fma.supports_dynamic(*gate_slots(gates)) else triton_tc
 
 
 def write(h, z, carry_c, write_c):
@@ -49,34 +50,31 @@ def read_static_backward(h, read, grad_x):
     return _static_read_impl(read).read_static_backward(h, read, grad_x)
 
 
-def read_dynamic(h, norm_weight, proj, read, *rest):
-    return _dynamic_read_impl(read).read_dynamic(h, norm_weight, proj, read, *rest)
+def read_dynamic(h, norm_weight, proj, gates, scales, eps):
+    return _dynamic_read_impl(gates).read_dynamic(h, norm_weight, proj, gates, scales, eps)
 
 
-def read_dynamic_backward(h, norm_weight, proj, read, *rest):
-    return _dynamic_read_impl(read).read_dynamic_backward(h, norm_weight, proj, read, *rest)
+def read_dynamic_backward(h, norm_weight, proj, gates, scales, eps, *rest, **kwargs):
+    return _dynamic_read_impl(gates).read_dynamic_backward(h, norm_weight, proj, gates, scales, eps, *rest, **kwargs)
 
 
-def _check_same_slots(write_c, read):
-    if tuple(write_c.shape[-2:]) != tuple(read.shape):
+def _check_same_slots(write_c, gates):
+    if tuple(write_c.shape[-2:]) != gate_slots(gates):
         raise ValueError(f"the fused write+read needs the same (n, m) on both sides, got "
-                         f"{tuple(write_c.shape[-2:])} and {tuple(read.shape)}")
+                         f"{tuple(write_c.shape[-2:])} and {gate_slots(gates)}")
 
 
-def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, write_, scale_read, scale_carry,
-                       scale_write, eps):
-    _check_same_slots(write_c, read)
+def write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps):
+    _check_same_slots(write_c, gates)
     h_new = write(h, z, carry_c, write_c)
-    return (h_new,) + _dynamic_read_impl(read).read_dynamic(h_new, norm_weight, proj, read, carry, write_,
-                                                           scale_read, scale_carry, scale_write, eps)
+    return (h_new,) + _dynamic_read_impl(gates).read_dynamic(h_new, norm_weight, proj, gates, scales, eps)
 
 
-def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, read, carry, write_, scale_read,
-                                scale_carry, scale_write, eps, h_new, stats, grad_h_new, grad_x, grad_carry2,
-                                grad_write2):
-    _check_same_slots(write_c, read)
+def write_read_dynamic_backward(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps, h_new, stats,
+                                grad_h_new, grad_x, grad_carry2, grad_write2):
+    _check_same_slots(write_c, gates)
     # dL/dH' = the read's gradient + the incoming one, summed in fp32 inside the read's backward
-    g_read = _dynamic_read_impl(read).read_dynamic_backward(
-        h_new, norm_weight, proj, read, carry, write_, scale_read, scale_carry, scale_write, eps, stats, grad_x,
-        grad_carry2, grad_write2, grad_in=grad_h_new.reshape(h_new.shape))
+    g_read = _dynamic_read_impl(gates).read_dynamic_backward(
+        h_new, norm_weight, proj, gates, scales, eps, stats, grad_x, grad_carry2, grad_write2,
+        grad_in=grad_h_new.reshape(h_new.shape))
     return write_backward(h, z, carry_c, write_c, g_read[0]) + tuple(g_read[1:])

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .triton_common import (contiguous3, dynamic_read_parameter_grads, fma_dynamic_read_supports, fma_supports,
                            gate_maps, interpreter_bt, interpreting, launch_kwargs, state_view)
+from .reference import gate_slots
 from .triton_helpers import coefficient, tanh, to_output
 
 KERNEL_ID = "fma-v1"
@@ -335,12 +336,12 @@ def read_static_backward(h, read, grad_x):
     return g_h, g_read.sum(0).to(read.dtype)  # a fixed-order sum of the programs' partials
 
 
-def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
+def read_dynamic(h, norm_weight, proj, gates, scales, eps):
     """:func:`kernels.reference.read_dynamic` where :func:`supports_dynamic`: ``(x, carry_c, write_c, stats)``."""
-    n, m = read.shape
+    n, m = gate_slots(gates)
     h, N, d = state_view(h, n, m)
     K = 2 * m + n
-    wgt, base, scales = gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    wgt, base, scales = gate_maps(norm_weight, proj, gates, scales)
     x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
     carry_c = torch.empty((N, n, n), device=h.device, dtype=torch.float32)
     write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
@@ -353,18 +354,18 @@ def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_car
     return x, carry_c, write_c, stats
 
 
-def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, stats,
-                          grad_x, grad_carry_c, grad_write_c, grad_in=None):
+def read_dynamic_backward(h, norm_weight, proj, gates, scales, eps, stats, grad_x, grad_carry_c, grad_write_c,
+                          grad_in=None):
     """:func:`kernels.reference.read_dynamic_backward` where :func:`supports_dynamic`. ``grad_in`` (``[N, n, d]``,
     optional) is added to ``dL/dH`` in fp32 before the one rounding (the fused write+read's gradient of H')."""
-    n, m = read.shape
+    n, m = gate_slots(gates)
     h, N, d = state_view(h, n, m)
     K = 2 * m + n
     gx = contiguous3(grad_x, m, d, "grad_x")
     gcc = grad_carry_c.float().reshape(N, n, n).contiguous()
     gwc = grad_write_c.float().reshape(N, n, m).contiguous()
     stats = stats.float().reshape(N, n, K + 1).contiguous()
-    wgt, base, scales = gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    wgt, base, scales = gate_maps(norm_weight, proj, gates, scales)
     coef_cfg, state_cfg = (configs(n, m, d)[k] for k in ("dynamic_bwd_coef", "dynamic_bwd_state"))
     programs = triton.cdiv(N, coef_cfg["BT"])
     chunks = triton.cdiv(max(d, 1), state_cfg["BD"])
@@ -388,8 +389,8 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
                 h, gx, read_c, g_u, rowscale, wgt, grad_in if grad_in is not None else h, g_h, g_wgt, N, d,
                 NS=n, MS=m, G_IN=grad_in is not None, **launch_kwargs(state_cfg))
     g_static, g_scales = g_static.sum(0), g_scales.sum(0)  # [n, K], fixed-order sums of the partials
-    return (g_h,) + dynamic_read_parameter_grads(g_static, g_scales, g_wgt.sum(0).t(), norm_weight, proj, read,
-                                                 carry, write, scale_read, scale_carry, scale_write)
+    return (g_h,) + dynamic_read_parameter_grads(g_static, g_scales, g_wgt.sum(0).t(), norm_weight, proj,
+                                                 gates, scales)
 
 
 def static_gate_specs(n: int, m: int, d: int, dtype: str, dynamic: bool | None = None) -> list[dict]:

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .triton_common import (contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting, launch_kwargs, pow2,
                            state_view, write_coefficients)
+from .reference import gate_slots
 from .triton_helpers import tanh, to_output
 
 KERNEL_ID = "tc-v1"
@@ -561,12 +562,12 @@ def read_static_backward(h, read, grad_x):
     return g_h, g_read.sum(0).to(read.dtype)  # a fixed-order sum of the programs' partials
 
 
-def read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
+def read_dynamic(h, norm_weight, proj, gates, scales, eps):
     """:func:`kernels.reference.read_dynamic` on tensor cores: ``(x, carry_c, write_c, stats)``."""
-    n, m = read.shape
+    n, m = gate_slots(gates)
     h, N, d = state_view(h, n, m)
     K = 2 * m + n
-    wgt, base, scales = gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    wgt, base, scales = gate_maps(norm_weight, proj, gates, scales)
     x = torch.empty((N, m, d), device=h.device, dtype=h.dtype)
     carry_c = torch.empty((N, n, n), device=h.device, dtype=torch.float32)
     write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
@@ -586,18 +587,18 @@ def _state_groups(N: int, chunks: int) -> int:
     return max(1, min(N, target))
 
 
-def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, stats,
-                          grad_x, grad_carry_c, grad_write_c, grad_in=None):
+def read_dynamic_backward(h, norm_weight, proj, gates, scales, eps, stats, grad_x, grad_carry_c, grad_write_c,
+                          grad_in=None):
     """:func:`kernels.reference.read_dynamic_backward` on tensor cores. ``grad_in`` (``[N, n, d]``, optional) is
     added to ``dL/dH`` in fp32 before the one rounding (the fused write+read's gradient of H')."""
-    n, m = read.shape
+    n, m = gate_slots(gates)
     h, N, d = state_view(h, n, m)
     K = 2 * m + n
     gx = contiguous3(grad_x, m, d, "grad_x")
     gcc = grad_carry_c.float().reshape(N, n, n).contiguous()
     gwc = grad_write_c.float().reshape(N, n, m).contiguous()
     stats = stats.float().reshape(N, n, K + 1).contiguous()
-    wgt, base, scales = gate_maps(norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
+    wgt, base, scales = gate_maps(norm_weight, proj, gates, scales)
     cfg = configs(n, m, d, h.dtype == gx.dtype == torch.bfloat16)
     coef_cfg, dh_cfg, dwg_cfg = cfg["dynamic_bwd_coef"], cfg["dynamic_bwd_dh"], cfg["dynamic_bwd_dwg"]
     programs = _programs(N, coef_cfg["TPP"])
@@ -625,8 +626,8 @@ def read_dynamic_backward(h, norm_weight, proj, read, carry, write, scale_read, 
                 _read_dynamic_tc_bwd_state[grid](*args, G_IN=grad_in is not None, WHICH=which, PARTS=_parts(h.dtype),
                                                  **_pads(n, m), **kw)
     g_static, g_scales = g_static.sum(0), g_scales.sum(0)  # [n, K], fixed-order sums of the partials
-    return (g_h,) + dynamic_read_parameter_grads(g_static, g_scales, g_wgt.sum(0).t(), norm_weight, proj, read,
-                                                 carry, write, scale_read, scale_carry, scale_write)
+    return (g_h,) + dynamic_read_parameter_grads(g_static, g_scales, g_wgt.sum(0).t(), norm_weight, proj,
+                                                 gates, scales)
 
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -23,7 +23,10 @@ Rewriting (``rewrite_block_graph``), one GHC per update (parallel branches share
 ``torch.ops.vwn`` ops with the GHC parameters as ``get_attr`` nodes::
 
     before:  y = s + f(norm(s))
-    after:   x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(s, vwn_ghc.i.norm.weight, vwn_ghc.i.proj, ..., eps)
+    after:   gates = stack_gates(vwn_ghc.i.read, vwn_ghc.i.carry, vwn_ghc.i.write)      # [n, 2m+n]
+             scales = stack_gates(vwn_ghc.i.scale_read, vwn_ghc.i.scale_carry, vwn_ghc.i.scale_write)
+             x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(s, vwn_ghc.i.norm.weight, vwn_ghc.i.proj, gates, scales,
+                                                           eps)
              y = torch.ops.vwn.ghc_write(s, f(norm(x)), cc, wc)
 
 (a static GHC reads with ``ghc_read_static(s, vwn_ghc.i.read)`` and mixes with its own maps; one with
@@ -47,6 +50,7 @@ import torch.fx as fx
 from torch import nn
 
 from vwn_transform.config import UnsupportedModelError
+from vwn_transform.kernels.reference import stack_gates
 from vwn_transform.passes.fusion import FuseWriteRead
 from vwn_transform.passes.pipeline import GraphPass, PassResult, run_passes
 
@@ -379,16 +383,21 @@ def _single_alias(stream: fx.Node, widths: set[fx.Node]) -> fx.Node | None:
 # ------------------------------------------------------------------------------------------------------------
 # rewriting and compiling
 # ------------------------------------------------------------------------------------------------------------
-_DYNAMIC_READ_PARAMETERS = ("norm.weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
-                            "scale_write")  # the order of vwn::ghc_read_dynamic's parameter arguments
-
-
 def _parameter(graph: fx.Graph, ghc: nn.Module, index: int, name: str) -> fx.Node:
     """``get_attr`` of GHC ``index``'s parameter ``name``, with its shape as the example value (what
     :func:`fusion.slot_counts` reads)."""
     node = graph.get_attr(f"{GHC_CONTAINER}.{index}.{name}")
     param = functools.reduce(getattr, name.split("."), ghc)  # attribute access: also through wrappers (PEFT)
     node.meta["val"] = torch.empty(param.shape, device="meta")
+    return node
+
+
+def _stacked_gates(graph: fx.Graph, ghc: nn.Module, index: int, names: tuple[str, str, str]) -> fx.Node:
+    """``stack_gates`` of three parameters of GHC ``index`` (``[n, 2m+n]``, its shape as the example value)."""
+    read, carry, write = (_parameter(graph, ghc, index, name) for name in names)
+    node = graph.create_node("call_function", stack_gates, (read, carry, write), name=f"{names[0]}_gates_{index}")
+    n, m = read.meta["val"].shape
+    node.meta["val"] = torch.empty((n, 2 * m + n), device="meta")
     return node
 
 
@@ -403,9 +412,11 @@ def _emit_read(graph: fx.Graph, ghc: nn.Module, index: int, stream: fx.Node) -> 
         module = graph.get_attr(f"{GHC_CONTAINER}.{i}")
         read = graph.create_node("call_method", "contract", (module, stream), name=f"ghc_in_{i}")
     elif ghc.dynamic:
-        params = [_parameter(graph, ghc, i, name) for name in _DYNAMIC_READ_PARAMETERS]
+        gain, proj = (_parameter(graph, ghc, i, name) for name in ("norm.weight", "proj"))
+        gates, scales = (_stacked_gates(graph, ghc, i, names) for names in (("read", "carry", "write"),
+                                                                           ("scale_read", "scale_carry", "scale_write")))
         read = graph.create_node("call_function", torch.ops.vwn.ghc_read_dynamic.default,
-                                 (stream, *params, float(ghc.eps)), name=f"ghc_in_{i}")
+                                 (stream, gain, proj, gates, scales, float(ghc.eps)), name=f"ghc_in_{i}")
     else:
         x = graph.create_node("call_function", torch.ops.vwn.ghc_read_static.default,
                               (stream, _parameter(graph, ghc, i, "read")), name=f"x_{i}")

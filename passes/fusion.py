@@ -6,7 +6,8 @@
 output 0 is the new state, outputs 1..4 are the read's). Semantics are preserved exactly; the fused op saves one
 pass over the new state. Only pairs with the same slot counts (n, m) on both sides are fused (the fused op mixes
 both with one (n, m)); the slot counts come from the nodes' example values (``meta["val"]`` or Dynamo's
-``meta["example_value"]``) or, for coefficients, from the read op that produced them.
+``meta["example_value"]``: coefficients ``[..., n, m]``, stacked gates ``[n, 2m+n]``) or, for coefficients, from
+the gates of the read op that produced them.
 
 Example (the pass on a graph written by hand)::
 
@@ -14,9 +15,9 @@ Example (the pass on a graph written by hand)::
     >>> import vwn_transform.ops  # registers torch.ops.vwn.*
     >>> from vwn_transform.passes.fusion import fuse_write_read
     >>> g = fx.Graph()
-    >>> h, z, cc, wc, *p = [g.placeholder(k) for k in ("h", "z", "cc", "wc", "norm_weight", "proj", "read",
-    ...                     "carry", "write", "scale_read", "scale_carry", "scale_write")]
-    >>> for node, shape in ((wc, (5, 3, 2)), (p[2], (3, 2))):
+    >>> h, z, cc, wc, *p = [g.placeholder(k) for k in ("h", "z", "cc", "wc", "norm_weight", "proj", "gates",
+    ...                                                 "scales")]
+    >>> for node, shape in ((wc, (5, 3, 2)), (p[2], (3, 7))):  # (n, m) = (3, 2): gates [n, 2m+n]
     ...     node.meta["val"] = torch.empty(shape, device="meta")
     >>> h2 = g.call_function(torch.ops.vwn.ghc_write.default, (h, z, cc, wc))
     >>> read = g.call_function(torch.ops.vwn.ghc_read_dynamic.default, (h2, *p, 1e-6))
@@ -38,12 +39,12 @@ import vwn_transform.ops  # noqa: F401  (registers torch.ops.vwn.*)
 
 from .pipeline import GraphPass, PassResult, run_passes
 
-__all__ = ["FuseWriteRead", "fuse_write_read", "is_op", "slot_counts"]
+__all__ = ["FuseWriteRead", "fuse_write_read", "gate_slot_counts", "is_op", "slot_counts"]
 
 # the positions of the arguments the pass reads, by op (the schemas in vwn_transform/ops.py)
 _WRITE_ARGS = 4  # h, z, carry_c, write_c
-_READ_ARGS = 10  # h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
-_READ_MAP = {"ghc_read_dynamic": 3, "ghc_read_static": 1, "ghc_write_read_dynamic": 6}  # where `read` [n, m] is
+_READ_ARGS = 6  # h, norm_weight, proj, gates, scales, eps
+_GATES = {"ghc_read_dynamic": 3, "ghc_write_read_dynamic": 6}  # where the stacked gates [n, 2m+n] are
 _WRITE_COEFFICIENTS = {"ghc_read_dynamic": 2, "ghc_write_read_dynamic": 3}  # output index of write_c [..., n, m]
 
 
@@ -56,7 +57,7 @@ def is_op(node, name: str) -> bool:
 
 
 def _op_name(node: fx.Node) -> str | None:
-    return next((name for name in _READ_MAP if is_op(node, name)), None)
+    return next((name for name in _GATES if is_op(node, name)), None)
 
 
 def _example_shape(node) -> tuple | None:
@@ -65,9 +66,17 @@ def _example_shape(node) -> tuple | None:
     return tuple(shape) if shape is not None else None
 
 
+def gate_slot_counts(gates) -> tuple[int, int] | None:
+    """``(n, m)`` of a node holding stacked gates ``[n, 2m+n]`` (from its example value); None when unknown."""
+    shape = _example_shape(gates)
+    if shape is None or len(shape) != 2 or (shape[1] - shape[0]) % 2:
+        return None
+    return shape[0], (shape[1] - shape[0]) // 2
+
+
 def slot_counts(node) -> tuple[int, int] | None:
-    """``(n, m)`` of a node holding a read map ``[n, m]`` or write coefficients ``[..., n, m]``: from its example
-    value, else (coefficients a read op returned) from that op's ``read`` argument. None when unknown."""
+    """``(n, m)`` of a node holding write coefficients ``[..., n, m]``: from its example value, else (coefficients
+    a dynamic read returned) from that op's gates. None when unknown."""
     shape = _example_shape(node)
     if shape is not None:
         return tuple(shape[-2:]) if len(shape) >= 2 else None
@@ -75,7 +84,7 @@ def slot_counts(node) -> tuple[int, int] | None:
         source, index = node.args
         name = _op_name(source) if isinstance(source, fx.Node) else None
         if name is not None and _WRITE_COEFFICIENTS.get(name) == index:
-            return slot_counts(source.args[_READ_MAP[name]])
+            return gate_slot_counts(source.args[_GATES[name]])
     return None
 
 
@@ -87,7 +96,7 @@ def _fusable_read(write: fx.Node) -> fx.Node | None:
     read = reads[0]
     if len(read.args) != _READ_ARGS or read.kwargs or write.kwargs or len(write.args) != _WRITE_ARGS:
         return None  # only the positional form the GHC modules and the block rewrite emit
-    write_slots, read_slots = slot_counts(write.args[3]), slot_counts(read.args[3])
+    write_slots, read_slots = slot_counts(write.args[3]), gate_slot_counts(read.args[3])
     if write_slots is None or write_slots != read_slots:
         return None
     return read

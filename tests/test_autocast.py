@@ -27,6 +27,7 @@ from torch import nn
 import vwn_transform
 from vwn_transform import GHC, VWNConfig, ops
 from vwn_transform.models.hf_tiny import tiny_hf_model
+from vwn_transform.ops import stack_gates
 
 AC_DTYPES = [torch.bfloat16, torch.float16]
 # composite (a linear feeding the op, then the op) under autocast vs the fp32 computation
@@ -89,8 +90,14 @@ def _z(t):
     return t["z"] if "z" in t else F.linear(t["a"], t["w"])
 
 
+def _read_params(t):
+    """The dynamic read's parameter arguments: the gain, the projection and the stacked maps and gate scales."""
+    return (t["norm_weight"], t["proj"], stack_gates(t["read"], t["carry"], t["write"]),
+            stack_gates(t["scale_read"], t["scale_carry"], t["scale_write"]))
+
+
 def _read_dynamic(t):
-    return torch.ops.vwn.ghc_read_dynamic(t["h"], *(t[k] for k in PARAMS), EPS)[:3]  # x, carry_c, write_c
+    return torch.ops.vwn.ghc_read_dynamic(t["h"], *_read_params(t), EPS)[:3]  # x, carry_c, write_c
 
 
 def _read_static(t):
@@ -106,7 +113,7 @@ def _write_static(t):
 
 
 def _write_read_dynamic(t):
-    return torch.ops.vwn.ghc_write_read_dynamic(t["h"], _z(t), t["carry_c"], t["write_c"], *(t[k] for k in PARAMS),
+    return torch.ops.vwn.ghc_write_read_dynamic(t["h"], _z(t), t["carry_c"], t["write_c"], *_read_params(t),
                                                 EPS)[:4]  # h_new, x, carry_c, write_c
 
 

@@ -23,6 +23,7 @@ import vwn_transform
 import vwn_transform.ops  # noqa: F401  (registers torch.ops.vwn.*)
 from vwn_transform import GHC
 from vwn_transform.models import GPT, GPTConfig
+from vwn_transform.ops import stack_gates
 
 F64 = torch.float64
 DYNAMIC_NAMES = {"read", "carry", "write", "proj", "scale_read", "scale_carry", "scale_write", "norm.weight"}
@@ -313,8 +314,10 @@ def _op_inputs(kind, gen, lead=(2, 3), n=3, m=2, d=2):
         args = (h, 1.0 + r(d, scale=0.3).detach(), r(d, 2 * m + n), r(n, m), r(n, n), r(m, n),
                 r(n, m), r(n, n), r(m, n))
         args = tuple(a.detach().requires_grad_(True) for a in args)
-        # the 4th output (saved stats for the backward) is not differentiable
-        return (lambda *a: torch.ops.vwn.ghc_read_dynamic(*a, 1e-6)[:3]), args
+        # the op takes the maps and the gate scales stacked [read | carry | write^T] (stack_gates, at call time, as
+        # the GHC module does); the 4th output (saved stats for the backward) is not differentiable
+        return (lambda h, gain, proj, read, carry, write, s_read, s_carry, s_write: torch.ops.vwn.ghc_read_dynamic(
+            h, gain, proj, stack_gates(read, carry, write), stack_gates(s_read, s_carry, s_write), 1e-6)[:3]), args
     if kind == "read_static":
         return torch.ops.vwn.ghc_read_static, (h, r(n, m))
     z = r(*lead, m * d)

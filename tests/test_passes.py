@@ -205,24 +205,23 @@ def test_fusion_pass_leaves_static_and_recomputing_ghcs_alone(kind):
 
 
 def _write_read_graph(n_w, m_w, n_r, m_r):
-    """An fx GraphModule ``h' = ghc_write(h, z, cc, wc); (x, cc2, wc2, st) = ghc_read_dynamic(h', *params)`` with
+    """An fx GraphModule ``h' = ghc_write(h, z, cc, wc); (x, cc2, wc2, st) = ghc_read_dynamic(h', gain, proj, gates,
+    scales, eps)`` with
     example values in the node meta, as Dynamo hands it to the backend."""
     d, N = 6, 5
     g = torch.Generator().manual_seed(3)
     vals = dict(h=torch.randn(N, n_w * d, generator=g), z=torch.randn(N, m_w * d, generator=g),  # [tokens, slots*d]
                 cc=torch.randn(N, n_w, n_w, generator=g), wc=torch.randn(N, n_w, m_w, generator=g),
                 norm_weight=torch.rand(d, generator=g) + 0.5, proj=torch.randn(d, 2 * m_r + n_r, generator=g),
-                read=torch.randn(n_r, m_r, generator=g), carry=torch.randn(n_r, n_r, generator=g),
-                write=torch.randn(m_r, n_r, generator=g), scale_read=torch.randn(n_r, m_r, generator=g),
-                scale_carry=torch.randn(n_r, n_r, generator=g), scale_write=torch.randn(m_r, n_r, generator=g))
+                gates=torch.randn(n_r, 2 * m_r + n_r, generator=g),  # [read | carry | write^T]
+                scales=torch.randn(n_r, 2 * m_r + n_r, generator=g))
     graph = fx.Graph()
     ph = {}
     for name, v in vals.items():
         ph[name] = graph.placeholder(name)
         ph[name].meta["val"] = v
     write = graph.call_function(torch.ops.vwn.ghc_write.default, (ph["h"], ph["z"], ph["cc"], ph["wc"]))
-    params = [ph[k] for k in ("norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry",
-                              "scale_write")]
+    params = [ph[k] for k in ("norm_weight", "proj", "gates", "scales")]
     read = graph.call_function(torch.ops.vwn.ghc_read_dynamic.default, (write, *params, 1e-6))
     outs = [graph.call_function(operator.getitem, (read, k)) for k in range(4)]
     graph.output((write, *outs))

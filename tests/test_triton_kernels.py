@@ -15,6 +15,7 @@ from vwn_transform.kernels import measured
 from vwn_transform.kernels import reference as ref
 from vwn_transform.kernels import triton_ops as tri
 from vwn_transform.kernels.measured import auto_choice
+from vwn_transform.kernels.reference import stack_gates
 from vwn_transform.kernels.triton_common import interpreting
 from vwn_transform.models import GPT, GPTConfig
 from vwn_transform import VWNConfig
@@ -60,6 +61,13 @@ def make_inputs(N, m, n, d, dtype, seed=0):
     return h, params
 
 
+def read_args(p):
+    """The dynamic read's parameter arguments from the separate GHC parameters: ``(norm_weight, proj, gates,
+    scales)``, the maps and the gate scales stacked as the ops take them."""
+    return (p["norm_weight"], p["proj"], stack_gates(p["read"], p["carry"], p["write"]),
+            stack_gates(p["scale_read"], p["scale_carry"], p["scale_write"]))
+
+
 def rel_err(got, want):
     got, want = got.double(), want.double()
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
@@ -73,8 +81,7 @@ def kernel_cases(N, m, n, d, dtype, seed=0):
     gcc, gwc = torch.randn(N, n, n, generator=g).to(DEVICE), torch.randn(N, n, m, generator=g).to(DEVICE)
     z = torch.randn(N, m, d, generator=g).to(DEVICE, dtype)
     gout = torch.randn(N, n, d, generator=g).to(DEVICE, dtype)
-    args = (p["norm_weight"], p["proj"], p["read"], p["carry"], p["write"], p["scale_read"], p["scale_carry"],
-            p["scale_write"], 1e-6)
+    args = (*read_args(p), 1e-6)
     cc_dyn, wc_dyn = torch.randn(N, n, n, generator=g).to(DEVICE), torch.randn(N, n, m, generator=g).to(DEVICE)
 
     def run(lib, cast):
@@ -119,9 +126,6 @@ def test_kernels_low_precision_within_twice_the_reference_error(dtype, m, n, N, 
             assert rel_err(g, e) <= 2 * ref_error + 1e-6, (name, i, rel_err(g, e), ref_error)
 
 
-OP_INPUTS = ["h", "norm_weight", "proj", "read", "carry", "write", "scale_read", "scale_carry", "scale_write"]
-
-
 @pytest.mark.parametrize("m,n,N,d", [(2, 3, 577, 24), (8, 64, 5, 40), (1, 4, 1, 40)])
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_custom_op_gradients_by_name(m, n, N, d, dynamic):
@@ -136,7 +140,7 @@ def test_custom_op_gradients_by_name(m, n, N, d, dynamic):
             leaves = {"h": h.reshape(N, n * d).clone().requires_grad_()}
             leaves.update({k: v.clone().requires_grad_() for k, v in p.items()})
             if dynamic:
-                x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(leaves["h"], *(leaves[k] for k in OP_INPUTS[1:]), 1e-6)
+                x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(leaves["h"], *read_args(leaves), 1e-6)
             else:
                 x = torch.ops.vwn.ghc_read_static(leaves["h"], leaves["read"])
                 cc, wc = leaves["carry"], leaves["write"].t()
@@ -274,7 +278,7 @@ def test_fma_reads_match_reference(m, n, N, d, dtype, monkeypatch):
     gx = torch.randn(N, m, d, generator=g).to(DEVICE, dtype)
     gcc, gwc = torch.randn(N, n, n, generator=g).to(DEVICE), torch.randn(N, n, m, generator=g).to(DEVICE)
     g_in = torch.randn(N, n, d, generator=g).to(DEVICE, dtype)
-    args = tuple(p[k] for k in OP_INPUTS[1:]) + (1e-6,)
+    args = read_args(p) + (1e-6,)
 
     def run(lib, cast, dynamic):
         hh, gxx = cast(h), cast(gx)
@@ -325,7 +329,7 @@ def test_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
     gout, g_in = (torch.randn(N, n, d, generator=g).to(DEVICE, dtype) for _ in range(2))
     gcc, cc = (torch.randn(N, n, n, generator=g).to(DEVICE) for _ in range(2))
     gwc, wc = (torch.randn(N, n, m, generator=g).to(DEVICE) for _ in range(2))
-    args = tuple(p[k] for k in OP_INPUTS[1:]) + (1e-6,)
+    args = read_args(p) + (1e-6,)
     stats = ref.read_dynamic(h, *args)[3]  # both backwards from the same statistics
 
     def run(lib, cast):
@@ -517,7 +521,7 @@ def test_fused_write_read_matches_write_then_read(m, n, N, d, static_write, monk
     cc = torch.randn(n, n, generator=g) if static_write else torch.randn(N, n, n, generator=g)
     wc = torch.randn(n, m, generator=g) if static_write else torch.randn(N, n, m, generator=g)
     cc, wc = cc.to(DEVICE), wc.to(DEVICE)
-    args = tuple(p[k] for k in OP_INPUTS[1:]) + (1e-6,)
+    args = read_args(p) + (1e-6,)
     cot = [torch.randn(N, n, d, generator=g), torch.randn(N, m, d, generator=g), torch.randn(N, n, n, generator=g),
            torch.randn(N, n, m, generator=g)]
     cot = [c.to(DEVICE) for c in cot]
@@ -571,7 +575,7 @@ def test_custom_ops_pass_opcheck(dynamic_coefficients):
     N, m, n, d = 5, 2, 3, 8
     h, p = make_inputs(N, m, n, d, torch.float32, seed=12)
     h = h.reshape(N, n * d)
-    params = [p[k].requires_grad_() for k in OP_INPUTS[1:]]
+    params = [t.detach().requires_grad_() for t in read_args(p)]
     z = torch.randn(N, m * d, requires_grad=True)
     x, cc, wc, _ = torch.ops.vwn.ghc_read_dynamic(h, *params, 1e-6)
     if not dynamic_coefficients:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import vwn_transform.ops  # noqa: F401  (registers torch.ops.vwn.*)
+import vwn_transform.ops  # registers torch.ops.vwn.*; stack_gates
 
 __all__ = ["GHC", "SlotRMSNorm", "WideEmbedding", "WideModelMixin", "swap_class", "swap_model_class",
            "is_vwn_module"]
@@ -124,11 +124,16 @@ class GHC(nn.Module):
                 f"{width}, got shape {tuple(h.shape)}"
             )
 
-    def _read_dynamic(self, h: torch.Tensor):
-        return torch.ops.vwn.ghc_read_dynamic(
-            h, self.norm.weight, self.proj, self.read, self.carry, self.write,
-            self.scale_read, self.scale_carry, self.scale_write, self.eps,
-        )
+    def stacked_gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gates, scales)``: the maps and the gate scales stacked as ``[read | carry | write^T]`` ``[n, 2m+n]``,
+        what ``torch.ops.vwn.ghc_read_dynamic`` takes (built per call; differentiable into the parameters)."""
+        return (vwn_transform.ops.stack_gates(self.read, self.carry, self.write),
+                vwn_transform.ops.stack_gates(self.scale_read, self.scale_carry, self.scale_write))
+
+    def _read_dynamic(self, h: torch.Tensor, gates: torch.Tensor | None = None, scales: torch.Tensor | None = None):
+        if gates is None:
+            gates, scales = self.stacked_gates()
+        return torch.ops.vwn.ghc_read_dynamic(h, self.norm.weight, self.proj, gates, scales, self.eps)
 
     def _read_coefficients(self, h: torch.Tensor):
         x, carry_c, write_c, _stats = self._read_dynamic(h)
@@ -145,8 +150,10 @@ class GHC(nn.Module):
                 return torch.utils.checkpoint.checkpoint(self._read_coefficients, h, use_reentrant=False)
             if self.recompute and torch.is_grad_enabled():
                 recomputed = _Recomputed(self, h)
-                with recomputed.hooks(keep=(h,)):  # everything else the read op saves (its stats) is dropped
-                    x, carry_c, write_c, stats = self._read_dynamic(h)
+                gates, scales = self.stacked_gates()
+                # the state and the stacked gates are kept; everything else the read op saves (its stats) is dropped
+                with recomputed.hooks(keep=(h, gates, scales)):
+                    x, carry_c, write_c, stats = self._read_dynamic(h, gates, scales)
                 recomputed.mark(carry_c=carry_c, write_c=write_c, stats=stats)
                 return x, carry_c, write_c
             x, carry_c, write_c, _stats = self._read_dynamic(h)

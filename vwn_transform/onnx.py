@@ -114,28 +114,24 @@ def ghc_read_static(h, read):
     return op.CastLike(_merge_last(x, rank), h)
 
 
-def ghc_read_dynamic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps: float):
-    """Dynamic coefficients and ``X = Read^T H``; returns ``(x, carry_c, write_c, stats)`` like the op."""
-    dims = _lean_dims(h, norm_weight, read)
+def ghc_read_dynamic(h, norm_weight, proj, gates, scales, eps: float):
+    """Dynamic coefficients and ``X = Read^T H``; returns ``(x, carry_c, write_c, stats)`` like the op. ``gates`` and
+    ``scales`` are the stacked ``[read | carry | write^T]`` ``[n, 2m+n]``."""
+    dims = _lean_dims(h, norm_weight, gates)
     if dims is None:
-        return _read_dynamic_generic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry,
-                                     scale_write, eps)
-    rank, [[d], [n, m]] = dims
-    return _read_dynamic_lean(h, rank, d, n, m, norm_weight, proj, read, carry, write, scale_read, scale_carry,
-                              scale_write, eps)
+        return _read_dynamic_generic(h, norm_weight, proj, gates, scales, eps)
+    rank, [[d], [n, k]] = dims
+    return _read_dynamic_lean(h, rank, d, n, (k - n) // 2, norm_weight, proj, gates, scales, eps)
 
 
-def _read_dynamic_lean(h, rank, d, n, m, norm_weight, proj, read, carry, write, scale_read, scale_carry,
-                       scale_write, eps):
+def _read_dynamic_lean(h, rank, d, n, m, norm_weight, proj, gates, scales, eps):
     h4 = _view(_f32(h), rank, [n, d])  # [..., n, d]
     wg = op.Mul(op.Unsqueeze(_f32(norm_weight), op.Constant(value_ints=[1])), _f32(proj))  # [d, 2m+n] (folded)
     u = op.MatMul(h4, wg)  # [..., n, 2m+n]
     sq_eps = op.Add(op.ReduceSumSquare(h4, op.Constant(value_ints=[-1]), keepdims=1),
                     op.Constant(value_float=eps * d))  # [..., n, 1]: |h|^2 + eps d
     logits = op.Div(u, op.Sqrt(sq_eps))  # = (H @ g W) * inv_rms / sqrt(d)
-    static = op.Concat(_f32(read), _f32(carry), op.Transpose(_f32(write), perm=[1, 0]), axis=1)  # [n, 2m+n]
-    scales = op.Concat(_f32(scale_read), _f32(scale_carry), op.Transpose(_f32(scale_write), perm=[1, 0]), axis=1)
-    coef = op.Add(static, op.Mul(scales, op.Tanh(logits)))  # [..., n, 2m+n] = [Read | Carry | WriteT]
+    coef = op.Add(_f32(gates), op.Mul(_f32(scales), op.Tanh(logits)))  # [..., n, 2m+n] = [Read | Carry | WriteT]
     last = op.Constant(value_ints=[-1])
     read_c, carry_c, write_c = (op.Slice(coef, op.Constant(value_ints=[a]), op.Constant(value_ints=[b]), last)
                                 for a, b in ((0, m), (m, m + n), (m + n, 2 * m + n)))
@@ -162,17 +158,15 @@ def _write_lean(h, z, carry_c, write_c, rank, n, m, coef_rank):
     return _cast_promoted(_merge_last(out, rank), h, z)
 
 
-def ghc_write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry,
-                           scale_write, eps: float):
+def ghc_write_read_dynamic(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps: float):
     """The cross-layer fused op: ``ghc_write`` then the next GHC's ``ghc_read_dynamic`` on its result."""
-    dims = _lean_dims(h, write_c, carry_c, norm_weight, read)
+    dims = _lean_dims(h, write_c, carry_c, norm_weight, gates)
     if dims is None:
-        return _write_read_dynamic_generic(h, z, carry_c, write_c, norm_weight, proj, read, carry, write,
-                                           scale_read, scale_carry, scale_write, eps)
-    rank, [wshape, cshape, [d], [n, m]] = dims
+        return _write_read_dynamic_generic(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps)
+    rank, [wshape, cshape, [d], [n, k]] = dims
     h_new = _write_lean(h, z, carry_c, write_c, rank, wshape[-2], wshape[-1], len(cshape))
-    x, carry_out, write_out, stats = _read_dynamic_lean(h_new, rank, d, n, m, norm_weight, proj, read, carry, write,
-                                                        scale_read, scale_carry, scale_write, eps)
+    x, carry_out, write_out, stats = _read_dynamic_lean(h_new, rank, d, n, (k - n) // 2, norm_weight, proj, gates,
+                                                        scales, eps)
     return h_new, x, carry_out, write_out, stats
 
 
@@ -185,26 +179,22 @@ def _read_static_generic(h, read):
     return op.CastLike(op.Reshape(x, _lead_shape(h, op.Constant(value_ints=[-1]))), h)
 
 
-def _read_dynamic_generic(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps: float):
+def _read_dynamic_generic(h, norm_weight, proj, gates, scales, eps: float):
     """Dynamic coefficients and ``X = Read^T H``; returns ``(x, carry_c, write_c, stats)`` like the op."""
-    n = op.Shape(read, start=0, end=1)
-    m = op.Shape(read, start=1, end=2)
+    n = op.Shape(gates, start=0, end=1)
+    m = op.Div(op.Sub(op.Shape(gates, start=1, end=2), n), op.Constant(value_ints=[2]))  # K = 2m + n
     h3 = _slots_view(op.Cast(h, to=_FLOAT), n)  # [N, n, d]
     d = op.Cast(op.Shape(h3, start=2), to=_FLOAT)
     inv_rms = op.Reciprocal(op.Sqrt(op.Add(op.ReduceMean(op.Mul(h3, h3), [-1], keepdims=1),
                                            op.Constant(value_float=eps))))  # [N, n, 1]
     y = op.Mul(op.Mul(h3, inv_rms), op.Cast(norm_weight, to=_FLOAT))  # RMS-normed slots times the gain
     logits = op.Div(op.MatMul(y, op.Cast(proj, to=_FLOAT)), op.Sqrt(d))  # [N, n, 2m+n]
-    c = op.Tanh(logits)
+    coef = op.Add(op.Cast(gates, to=_FLOAT), op.Mul(op.Cast(scales, to=_FLOAT), op.Tanh(logits)))  # [N, n, 2m+n]
     last = op.Constant(value_ints=[-1])
     mn = op.Add(m, n)
-    c_read = op.Slice(c, op.Constant(value_ints=[0]), m, last)
-    c_carry = op.Slice(c, m, mn, last)
-    c_write = op.Slice(c, mn, op.Add(mn, m), last)
-    read_c = op.Add(op.Cast(read, to=_FLOAT), op.Mul(op.Cast(scale_read, to=_FLOAT), c_read))  # [N, n, m]
-    carry_c = op.Add(op.Cast(carry, to=_FLOAT), op.Mul(op.Cast(scale_carry, to=_FLOAT), c_carry))  # [N, n, n]
-    write_c = op.Add(op.Transpose(op.Cast(write, to=_FLOAT), perm=[1, 0]),
-                     op.Mul(op.Transpose(op.Cast(scale_write, to=_FLOAT), perm=[1, 0]), c_write))  # [N, n, m]
+    read_c = op.Slice(coef, op.Constant(value_ints=[0]), m, last)  # [N, n, m]
+    carry_c = op.Slice(coef, m, mn, last)  # [N, n, n]
+    write_c = op.Slice(coef, mn, op.Add(mn, m), last)  # [N, n, m]
     x = op.MatMul(op.Transpose(read_c, perm=[0, 2, 1]), h3)  # [N, m, d]
     x_out = op.CastLike(op.Reshape(x, _lead_shape(h, last)), h)
     stats = op.Concat(logits, inv_rms, axis=-1)
@@ -225,11 +215,9 @@ def _write_generic(h, z, carry_c, write_c):
     return _cast_promoted(op.Reshape(out, op.Shape(h)), h, z)
 
 
-def _write_read_dynamic_generic(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read,
-                                scale_carry, scale_write, eps: float):
+def _write_read_dynamic_generic(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps: float):
     h_new = _write_generic(h, z, carry_c, write_c)
-    x, carry_out, write_out, stats = _read_dynamic_generic(h_new, norm_weight, proj, read, carry, write, scale_read,
-                                                           scale_carry, scale_write, eps)
+    x, carry_out, write_out, stats = _read_dynamic_generic(h_new, norm_weight, proj, gates, scales, eps)
     return h_new, x, carry_out, write_out, stats
 
 

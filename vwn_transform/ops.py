@@ -23,7 +23,10 @@ Autocast: every op (forward and backward) has an AutocastCPU and AutocastCUDA ke
 autocast, without casting its inputs; ``ghc_write`` promotes the state and sublayer dtypes like ``s + z`` does
 (the autocast section at the end of this module says why).
 
-Shapes (flat, as the model carries them): ``h`` ``[..., n*d]``, ``x``/``z`` ``[..., m*d]``.
+Shapes (flat, as the model carries them): ``h`` ``[..., n*d]``, ``x``/``z`` ``[..., m*d]``. The dynamic reads take a
+GHC's three maps and its three gate scales stacked, ``gates``/``scales`` ``[n, 2m+n]`` as ``[read | carry |
+write^T]`` (:func:`stack_gates`, built at call time from the module's parameters, which keep their names and
+shapes).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from collections.abc import Sequence
 import torch
 
 from vwn_transform.kernels import reference
+from vwn_transform.kernels.reference import stack_gates
 
 __all__ = [
     "AUTOCAST_DEVICE_TYPES",
+    "stack_gates",
     "AUTOCAST_DISPATCH_KEYS",
     "IMPLS",
     "backward_op_names",
@@ -168,36 +173,28 @@ def _coef(c: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vwn::ghc_read_dynamic", mutates_args=())
 def ghc_read_dynamic(
-    h: torch.Tensor,
-    norm_weight: torch.Tensor,
-    proj: torch.Tensor,
-    read: torch.Tensor,
-    carry: torch.Tensor,
-    write: torch.Tensor,
-    scale_read: torch.Tensor,
-    scale_carry: torch.Tensor,
-    scale_write: torch.Tensor,
+    h: torch.Tensor, norm_weight: torch.Tensor, proj: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x [..., m*d], carry_c [..., n, n], write_c [..., n, m], stats [..., n, 2m+n+1])``.
 
-    ``stats`` (pre-tanh logits and per-slot 1/rms, non-differentiable) is saved for the backward.
+    ``gates`` and ``scales`` are the GHC's maps and gate scales stacked as ``[read | carry | write^T]`` ``[n, 2m+n]``
+    (:func:`stack_gates`, at call time: the module keeps its parameters as they are). ``stats`` (pre-tanh logits
+    and per-slot 1/rms, non-differentiable) is saved for the backward.
     """
-    n, m = read.shape
+    n, m = reference.gate_slots(gates)
     _check_widths("ghc_read_dynamic", h, n, m, norm_weight.shape[0])
     impl = _resolve("ghc_read_dynamic", h, (n, m))
     lead = h.shape[:-1]
-    x, carry_c, write_c, stats = impl.read_dynamic(
-        _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps
-    )
+    x, carry_c, write_c, stats = impl.read_dynamic(_tokens(h, n), norm_weight, proj, gates, scales, eps)
     # [N, m, d] -> [..., m*d]; coefficients [N, ., .] -> [..., ., .]
     return (x.reshape(*lead, -1), carry_c.reshape(*lead, n, n), write_c.reshape(*lead, n, m),
             stats.reshape(*lead, n, -1))
 
 
 @ghc_read_dynamic.register_fake
-def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
-    n, m = read.shape
+def _(h, norm_weight, proj, gates, scales, eps):
+    n, m = reference.gate_slots(gates)
     _check_widths("ghc_read_dynamic", h, n, m, norm_weight.shape[0])
     lead = h.shape[:-1]
     x = h.new_empty((*lead, h.shape[-1] // n * m))
@@ -208,50 +205,33 @@ def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_w
 
 @torch.library.custom_op("vwn::ghc_read_dynamic_backward", mutates_args=())
 def ghc_read_dynamic_backward(
-    h: torch.Tensor,
-    norm_weight: torch.Tensor,
-    proj: torch.Tensor,
-    read: torch.Tensor,
-    carry: torch.Tensor,
-    write: torch.Tensor,
-    scale_read: torch.Tensor,
-    scale_carry: torch.Tensor,
-    scale_write: torch.Tensor,
-    eps: float,
-    stats: torch.Tensor,
-    grad_x: torch.Tensor,
-    grad_carry_c: torch.Tensor,
-    grad_write_c: torch.Tensor,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor,
-]:
-    n, m = read.shape
+    h: torch.Tensor, norm_weight: torch.Tensor, proj: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor,
+    eps: float, stats: torch.Tensor, grad_x: torch.Tensor, grad_carry_c: torch.Tensor, grad_write_c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, m = reference.gate_slots(gates)
     impl = _resolve("ghc_read_dynamic_backward", h, (n, m))
     grads = impl.read_dynamic_backward(
-        _tokens(h, n), norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,
-        stats.reshape(-1, n, stats.shape[-1]), _tokens(grad_x, m), grad_carry_c.reshape(-1, n, n),
-        grad_write_c.reshape(-1, n, m),
+        _tokens(h, n), norm_weight, proj, gates, scales, eps, stats.reshape(-1, n, stats.shape[-1]),
+        _tokens(grad_x, m), grad_carry_c.reshape(-1, n, n), grad_write_c.reshape(-1, n, m),
     )
     return (grads[0].reshape(h.shape), *grads[1:])
 
 
 @ghc_read_dynamic_backward.register_fake
-def _(h, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps, stats, gx, gc, gw):
-    params = (norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write)
-    return (torch.empty_like(h),) + tuple(torch.empty_like(p) for p in params)
+def _(h, norm_weight, proj, gates, scales, eps, stats, gx, gc, gw):
+    return (torch.empty_like(h),) + tuple(torch.empty_like(p) for p in (norm_weight, proj, gates, scales))
 
 
 def _read_dynamic_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[3])
-    ctx.save_for_backward(*inputs[:9], output[3])
-    ctx.eps = inputs[9]
+    ctx.save_for_backward(*inputs[:5], output[3])
+    ctx.eps = inputs[5]
 
 
 def _read_dynamic_bwd(ctx, grad_x, grad_carry_c, grad_write_c, _grad_stats):
     *saved, stats = ctx.saved_tensors
-    h, read = saved[0], saved[3]
-    n, m = read.shape
+    h, gates = saved[0], saved[3]
+    n, m = reference.gate_slots(gates)
     lead = h.shape[:-1]
     # autograd hands None for outputs that did not reach the loss
     if grad_x is None:
@@ -363,36 +343,25 @@ torch.library.register_autograd("vwn::ghc_write", _write_bwd, setup_context=_wri
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vwn::ghc_write_read_dynamic", mutates_args=())
 def ghc_write_read_dynamic(
-    h: torch.Tensor,
-    z: torch.Tensor,
-    carry_c: torch.Tensor,
-    write_c: torch.Tensor,
-    norm_weight: torch.Tensor,
-    proj: torch.Tensor,
-    read: torch.Tensor,
-    carry: torch.Tensor,
-    write: torch.Tensor,
-    scale_read: torch.Tensor,
-    scale_carry: torch.Tensor,
-    scale_write: torch.Tensor,
-    eps: float,
+    h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor, norm_weight: torch.Tensor,
+    proj: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ghc_write`` followed by the next GHC's ``ghc_read_dynamic``: ``(h_new, x, carry_c, write_c, stats)``."""
-    n, m = read.shape
+    n, m = reference.gate_slots(gates)
     _check_widths("ghc_write_read_dynamic", h, n, m, norm_weight.shape[0], z)
     impl = _resolve("ghc_write_read_dynamic", h, (n, m), z)
     lead = h.shape[:-1]
     h_new, x, cc2, wc2, stats = impl.write_read_dynamic(
-        _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, read, carry,
-        write, scale_read, scale_carry, scale_write, eps)
+        _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, gates, scales,
+        eps)
     # token-major [N, ., .] -> the caller's leading dims
     return (h_new.reshape(h.shape), x.reshape(*lead, -1), cc2.reshape(*lead, n, n), wc2.reshape(*lead, n, m),
             stats.reshape(*lead, n, -1))
 
 
 @ghc_write_read_dynamic.register_fake
-def _(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps):
-    n, m = read.shape
+def _(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps):
+    n, m = reference.gate_slots(gates)
     _check_widths("ghc_write_read_dynamic", h, n, m, norm_weight.shape[0], z)
     lead = h.shape[:-1]
     st = reference.state_dtype(h, z)  # h_new and x: h and z promoted
@@ -405,38 +374,36 @@ def _(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read,
 @torch.library.custom_op("vwn::ghc_write_read_dynamic_backward", mutates_args=())
 def ghc_write_read_dynamic_backward(
     h: torch.Tensor, z: torch.Tensor, carry_c: torch.Tensor, write_c: torch.Tensor, norm_weight: torch.Tensor,
-    proj: torch.Tensor, read: torch.Tensor, carry: torch.Tensor, write: torch.Tensor, scale_read: torch.Tensor,
-    scale_carry: torch.Tensor, scale_write: torch.Tensor, eps: float, h_new: torch.Tensor, stats: torch.Tensor,
-    grad_h_new: torch.Tensor, grad_x: torch.Tensor, grad_carry2: torch.Tensor, grad_write2: torch.Tensor,
+    proj: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor, eps: float, h_new: torch.Tensor,
+    stats: torch.Tensor, grad_h_new: torch.Tensor, grad_x: torch.Tensor, grad_carry2: torch.Tensor,
+    grad_write2: torch.Tensor,
 ) -> list[torch.Tensor]:
-    n, m = read.shape
+    n, m = reference.gate_slots(gates)
     impl = _resolve("ghc_write_read_dynamic_backward", h, (n, m), z, h_new, grad_h_new, grad_x)
     grads = impl.write_read_dynamic_backward(
-        _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, read, carry,
-        write, scale_read, scale_carry, scale_write, eps, _tokens(h_new, n), stats.reshape(-1, n, stats.shape[-1]),
-        _tokens(grad_h_new, n), _tokens(grad_x, m), grad_carry2.reshape(-1, n, n), grad_write2.reshape(-1, n, m))
+        _tokens(h, n), _tokens(z, m), _coef(carry_c, n, n), _coef(write_c, n, m), norm_weight, proj, gates, scales,
+        eps, _tokens(h_new, n), stats.reshape(-1, n, stats.shape[-1]), _tokens(grad_h_new, n), _tokens(grad_x, m),
+        grad_carry2.reshape(-1, n, n), grad_write2.reshape(-1, n, m))
     shapes = (h, z, carry_c, write_c)
     return [g.reshape(t.shape) for g, t in zip(grads[:4], shapes)] + \
         [g.clone(memory_format=torch.contiguous_format) for g in grads[4:]]
 
 
 @ghc_write_read_dynamic_backward.register_fake
-def _(h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read, scale_carry, scale_write, eps,
-      h_new, stats, gh, gx, gc, gw):
-    return [torch.empty_like(t) for t in (h, z, carry_c, write_c, norm_weight, proj, read, carry, write, scale_read,
-                                          scale_carry, scale_write)]
+def _(h, z, carry_c, write_c, norm_weight, proj, gates, scales, eps, h_new, stats, gh, gx, gc, gw):
+    return [torch.empty_like(t) for t in (h, z, carry_c, write_c, norm_weight, proj, gates, scales)]
 
 
 def _write_read_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[4])
-    ctx.save_for_backward(*inputs[:12], output[0], output[4])
-    ctx.eps = inputs[12]
+    ctx.save_for_backward(*inputs[:8], output[0], output[4])
+    ctx.eps = inputs[8]
 
 
 def _write_read_bwd(ctx, grad_h_new, grad_x, grad_carry2, grad_write2, _grad_stats):
     *saved, h_new, stats = ctx.saved_tensors
-    h, z, read = saved[0], saved[1], saved[6]
-    n, m = read.shape
+    h, z, gates = saved[0], saved[1], saved[6]
+    n, m = reference.gate_slots(gates)
     lead = h.shape[:-1]
     # autograd hands None for outputs that did not reach the loss
     grad_h_new = torch.zeros_like(h_new) if grad_h_new is None else grad_h_new
