@@ -51,6 +51,7 @@ from torch import nn
 
 from vwn_transform.config import UnsupportedModelError
 from vwn_transform.kernels.reference import stack_gates
+from vwn_transform.modules import expand_stream, reduce_stream
 from vwn_transform.passes.fusion import FuseWriteRead
 from vwn_transform.passes.pipeline import GraphPass, PassResult, run_passes
 
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 GHC_CONTAINER = "vwn_ghc"
+STREAM_EXIT = "vwn_stream_exit"  # node meta: the block's last residual write (its outgoing stream)
 _CONST_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 _META_METHODS = {"size", "dim", "ndimension", "numel", "type", "get_device"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
@@ -467,6 +469,8 @@ def rewrite_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], ghcs) ->
         for node in upd.tree:
             graph.erase_node(node)
         replaced[upd.result] = new_stream
+    if updates:
+        replaced[updates[-1].result].meta[STREAM_EXIT] = True  # where the block's stream leaves it
     graph.lint()
     return graph
 
@@ -486,12 +490,77 @@ class RewriteResidualUpdates(GraphPass):
         return PassResult(bool(self.updates), len(self.updates))
 
 
-def lower_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], ghcs, name: str) -> tuple[Callable, str]:
+class ExpandStreamEntry(GraphPass):
+    """The first block of a model whose stream does not start at token tables: its incoming stream ``[..., D]`` is
+    widened to ``[..., D']`` by ``expand_stream(s, vwn_expand)`` before anything in the block uses it (the block's
+    parameter ``vwn_expand`` ``[D', D]``)."""
+
+    name = "expand_stream_entry"
+    requires = ("ghc-ops",)
+
+    def __init__(self, stream_name: str):
+        self.stream_name = stream_name
+
+    def run(self, graph: fx.Graph) -> PassResult:
+        stream = next((n for n in graph.nodes if n.op == "placeholder" and n.target == self.stream_name), None)
+        if stream is None:
+            raise UnsupportedModelError(f"no stream placeholder {self.stream_name!r} to widen")
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first):
+            weight = graph.get_attr(ENTRY_EXPAND)
+            wide = graph.create_node("call_function", expand_stream, (stream, weight), name="stream_in")
+        stream.replace_all_uses_with(wide, delete_user_cb=lambda n: n is not wide)
+        for node in (weight, wide):
+            node.meta["vwn_pass"] = self.name
+        return PassResult(True, 1)
+
+
+class ReduceStreamExit(GraphPass):
+    """The last block of a model whose stream does not end in a norm or a linear head: its outgoing stream is
+    reduced to ``[..., D]`` by ``reduce_stream(h, vwn_reduce, vwn_group_norm_weight, vwn_group_size)`` (the block's
+    parameters), so whatever consumes it (a pooler, several heads, the caller) sees the width it saw before."""
+
+    name = "reduce_stream_exit"
+    requires = ("ghc-ops",)
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def run(self, graph: fx.Graph) -> PassResult:
+        exits = [n for n in graph.nodes if n.meta.get(STREAM_EXIT)]
+        if len(exits) != 1:
+            raise UnsupportedModelError(f"expected one outgoing residual stream in the block, found {len(exits)}")
+        (out,) = exits
+        with graph.inserting_after(out):
+            reduce = graph.get_attr(EXIT_REDUCE)
+        with graph.inserting_after(reduce):
+            gain = graph.get_attr(EXIT_GROUP_NORM)
+        with graph.inserting_after(gain):
+            narrow = graph.create_node("call_function", reduce_stream, (out, reduce, gain, self.group_size),
+                                       name="stream_out")
+        out.replace_all_uses_with(narrow, delete_user_cb=lambda n: n is not narrow)
+        for node in (reduce, gain, narrow):
+            node.meta["vwn_pass"] = self.name
+        return PassResult(True, 1)
+
+
+ENTRY_EXPAND = "vwn_expand"  # parameter of the first block when the stream is widened at its input
+EXIT_REDUCE, EXIT_GROUP_NORM = "vwn_reduce", "vwn_group_norm_weight"  # of the last block when reduced at its exit
+
+
+def lower_block_graph(graph: fx.Graph, updates: list[ResidualUpdate], ghcs, name: str, *,
+                      stream_entry: str | None = None, exit_group_size: int | None = None) -> tuple[Callable, str]:
     """The passes from a traced block to its widened forward (:func:`run_passes`: rewrite into the GHC ops of
-    ``ghcs``, fuse neighbouring write/read pairs with the pass the compile backend also runs), then Python generated
-    from the graph. Returns ``(forward, source)``."""
-    run_passes(graph, [RewriteResidualUpdates(updates, ghcs), FuseWriteRead()], f"block {name}",
-               established=("residual-updates",))
+    ``ghcs``, fuse neighbouring write/read pairs with the pass the compile backend also runs; for the first block
+    of a stream widened at its input, ``stream_entry`` names the stream placeholder to expand; for the last block of
+    a stream reduced at its exit, ``exit_group_size`` is the reduce's group size), then Python generated from the
+    graph. Returns ``(forward, source)``."""
+    passes: list[GraphPass] = [RewriteResidualUpdates(updates, ghcs), FuseWriteRead()]
+    if stream_entry is not None:
+        passes.append(ExpandStreamEntry(stream_entry))
+    if exit_group_size is not None:
+        passes.append(ReduceStreamExit(exit_group_size))
+    run_passes(graph, passes, f"block {name}", established=("residual-updates",))
     return compile_block_graph(graph, name)
 
 
@@ -515,9 +584,12 @@ class BlockRunner:
     attention mask that is a tensor under compile and None in eager, ...) costs no graph break.
     """
 
-    def __init__(self, name: str, sublayers: list[tuple[str, ...]]):
+    def __init__(self, name: str, sublayers: list[tuple[str, ...]], expand_input: bool = False,
+                 reduce_output_group: int | None = None):
         self.name = name
         self.sublayers = [tuple(s) for s in sublayers]
+        self.expand_input = expand_input  # the first block of a stream widened at its input
+        self.reduce_output_group = reduce_output_group  # the last block of a stream reduced at its exit
         self._compiled: dict[tuple, Callable] = {}
         self.sources: dict[tuple, str] = {}
         self._names: dict[tuple, str] = {}  # key -> the attribute of this runner that holds its forward
@@ -532,7 +604,9 @@ class BlockRunner:
                 f"{where}: a call with a new signature traced to residual updates {found}, but the block was widened "
                 f"with {self.sublayers}; the block's structure depends on its arguments, which VWN cannot follow"
             )
-        fn, src = lower_block_graph(graph, updates, getattr(block, GHC_CONTAINER), self.name)
+        fn, src = lower_block_graph(graph, updates, getattr(block, GHC_CONTAINER), self.name,
+                                    stream_entry=spec.stream_placeholder() if self.expand_input else None,
+                                    exit_group_size=self.reduce_output_group)
         self.install(spec.key, fn, src)
         return fn
 
@@ -563,13 +637,14 @@ class BlockRunner:
 
     def __getstate__(self):
         # generated functions are rebuilt on first use after unpickling
-        return {"name": self.name, "sublayers": self.sublayers, "_compiled": {}, "sources": {}, "_names": {}}
+        return {"name": self.name, "sublayers": self.sublayers, "expand_input": self.expand_input,
+                "reduce_output_group": self.reduce_output_group, "_compiled": {}, "sources": {}, "_names": {}}
 
     def __setstate__(self, state):
-        self.__dict__.update({"_names": {}, **state})
+        self.__dict__.update({"_names": {}, "expand_input": False, "reduce_output_group": None, **state})
 
     def __deepcopy__(self, memo):
-        clone = BlockRunner(self.name, self.sublayers)
+        clone = BlockRunner(self.name, self.sublayers, self.expand_input, self.reduce_output_group)
         clone._compiled = dict(self._compiled)
         clone.sources = dict(self.sources)
         return clone

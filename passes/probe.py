@@ -7,9 +7,13 @@ What it records (nothing in the model is changed; hooks are removed and training
 * **embeddings**: the modules whose outputs the stream entering block 0 is computed from. Every module with
   parameters that runs before block 0 has its output replaced by a fresh autograd leaf; walking the autograd
   graph of block 0's input back to those leaves gives the exact dataflow (token + position + type embeddings,
-  scaling, dropout), whatever the model-level Python code does.
-* **final**: the first module with parameters called on the last block's output (the final norm, or the head
-  when a model has none), where the reduce goes.
+  scaling, dropout), whatever the model-level Python code does. When they are all ``nn.Embedding`` tables of the
+  stream width, widen() widens their rows (``entry = "embeddings"``); otherwise (patch embeddings, feature
+  projections, CLS/register tokens concatenated, ...) the stream is widened at the input of block 0
+  (``entry = "block"``), where it first has its ``[..., D]`` form.
+* **final**: the first module with parameters called on the last block's output. A final norm or a linear head
+  takes the reduce before its own forward; anything else (a pooler, several heads, nothing: the stream is the
+  model's output) gets the reduce at the exit of the last block (``final_kind = "block"``).
 """
 
 from __future__ import annotations
@@ -23,9 +27,72 @@ from torch import nn
 from vwn_transform.config import UnsupportedModelError
 
 __all__ = [
-    "ModelStructure", "BlockCall", "check_stream_ends", "default_example_inputs", "diagnose_post_ln", "is_norm_module",
+    "ModelStructure", "BlockCall", "ExampleInputs", "check_stream_ends", "default_example_inputs", "diagnose_post_ln", "is_norm_module",
     "primary_output", "probe_model", "run_quietly",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleInputs:
+    """The inputs of the probe forward: ``model(*args, **kwargs)``. Built from what users pass as ``example_inputs``:
+    a tensor, a tuple/list of positional inputs, or a dict of keyword inputs (``{"pixel_values": x}``)."""
+
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def of(value) -> "ExampleInputs":
+        if isinstance(value, ExampleInputs):
+            return value
+        if isinstance(value, dict):
+            bad = [k for k in value if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"example_inputs as a dict must map keyword names (str) to values, got keys {bad}")
+            return ExampleInputs((), dict(value))
+        if isinstance(value, (tuple, list)):
+            return ExampleInputs(tuple(value), {})
+        return ExampleInputs((value,), {})
+
+    def __call__(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
+
+    def describe(self) -> str:
+        def one(v):
+            return f"tensor{list(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor) \
+                else type(v).__name__
+        parts = [one(v) for v in self.args] + [f"{k}={one(v)}" for k, v in self.kwargs.items()]
+        return "(" + ", ".join(parts) + ")"
+
+    def to_spec(self) -> dict | None:
+        """A JSON-able description (shapes and dtypes of tensors, plain values as they are) from which
+        :meth:`from_spec` rebuilds inputs of the same form; None when a value cannot be described."""
+        def one(v):
+            if isinstance(v, torch.Tensor):
+                return {"tensor": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+            if v is None or isinstance(v, (bool, int, float, str)):
+                return {"value": v}
+            raise TypeError(type(v).__name__)
+        try:
+            return {"args": [one(v) for v in self.args], "kwargs": {k: one(v) for k, v in self.kwargs.items()}}
+        except TypeError:
+            return None
+
+    @staticmethod
+    def from_spec(spec: dict, device: torch.device | str = "cpu") -> "ExampleInputs":
+        """Inputs of the form :meth:`to_spec` recorded: floating tensors drawn from a fixed generator, integer and
+        bool tensors all ones (valid token ids and attention masks), plain values as recorded."""
+        gen = torch.Generator().manual_seed(0)
+
+        def one(entry):
+            if "tensor" not in entry:
+                return entry["value"]
+            dtype = getattr(torch, entry["dtype"])
+            shape = entry["tensor"]
+            if dtype.is_floating_point:
+                return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            return torch.ones(shape, dtype=dtype, device=device)
+        return ExampleInputs(tuple(one(e) for e in spec.get("args", [])),
+                             {k: one(e) for k, e in spec.get("kwargs", {}).items()})
 
 
 @dataclasses.dataclass
@@ -43,11 +110,20 @@ class ModelStructure:
     blocks: list[BlockCall]
     embeddings: list[str]
     final: str
-    final_kind: str  # "norm" or "head"
+    final_kind: str  # "norm", "head", or "block": the reduce goes into the last block (the stream's exit)
     head: str | None
-    example_inputs: tuple
+    example_inputs: ExampleInputs
     reference_output: torch.Tensor | None  # the model's primary output on example_inputs
-    problem: str | None = None  # why the final norm/head could not be placed (raised by check_stream_ends)
+    problem: str | None = None  # why the stream's end could not be placed (raised by check_stream_ends)
+    entry: str = "embeddings"  # "embeddings": token tables widened; "block": widened at the input of block 0
+
+    @property
+    def first_block(self) -> str:
+        return self.blocks[0].name
+
+    @property
+    def last_block(self) -> str:
+        return self.blocks[-1].name
 
 
 def is_norm_module(module: nn.Module) -> bool:
@@ -97,18 +173,18 @@ def _restore_training(model: nn.Module):
     return restore
 
 
-def run_quietly(model: nn.Module, example_inputs: tuple) -> Any:
+def run_quietly(model: nn.Module, example_inputs: ExampleInputs) -> Any:
     """Forward in eval mode without grad; training flags are restored afterwards."""
     restore = _restore_training(model)
     try:
         model.eval()
         with torch.no_grad():
-            return model(*example_inputs)
+            return example_inputs(model)
     finally:
         restore()
 
 
-def default_example_inputs(model: nn.Module, seq_len: int = 8) -> tuple:
+def default_example_inputs(model: nn.Module, seq_len: int = 8) -> ExampleInputs:
     """A token batch ``[1, seq_len]`` for models fed with token ids (first nn.Embedding gives vocab and device)."""
     emb = None
     getter = getattr(model, "get_input_embeddings", None)
@@ -122,15 +198,16 @@ def default_example_inputs(model: nn.Module, seq_len: int = 8) -> tuple:
     if emb is None:
         raise UnsupportedModelError(
             f"cannot build example inputs for {type(model).__name__}: expected a token model with an nn.Embedding, "
-            "found none; pass example_inputs=(tensor, ...) to widen()/plan()"
+            "found none; pass example_inputs= to widen()/plan(): the positional inputs (a tensor or a tuple) or the "
+            "keyword inputs as a dict, e.g. {'pixel_values': torch.randn(1, 3, 224, 224)}"
         )
     ids = (torch.arange(seq_len, device=emb.weight.device) * 7 + 1) % emb.num_embeddings  # [seq]
-    return (ids.unsqueeze(0),)  # [1, seq]
+    return ExampleInputs((ids.unsqueeze(0),))  # [1, seq]
 
 
-def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelStructure:
+def probe_model(model: nn.Module, example_inputs=None) -> ModelStructure:
     """Run one forward with hooks and return the model-level structure (see module docstring)."""
-    example_inputs = _as_input_tuple(model, example_inputs)
+    example_inputs = default_example_inputs(model) if example_inputs is None else ExampleInputs.of(example_inputs)
     trace = _record_forward(model, example_inputs)
     calls = trace.calls
     blocks = _find_block_chain(model, calls, trace.outputs, trace.containers)
@@ -139,12 +216,9 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
     hidden = stream_in.shape[-1]
     module_order = {name: i for i, name in enumerate(trace.names.values())}
     embeddings = sorted(_find_embeddings(stream_in, trace.leaves), key=lambda n: module_order.get(n, 0))
-    if not embeddings:
-        raise UnsupportedModelError(
-            f"could not find the embeddings feeding the residual stream of {type(model).__name__}: the input of "
-            f"{calls[first_idx][0]} is not computed from any nn.Embedding"
-        )
+    entry = _stream_entry(model, embeddings, hidden)
     final_name, final_kind, head, problem = _stream_end(trace, blocks, hidden)
+    problem = problem or _other_stream_widths(model, trace, blocks, hidden)
     out = primary_output(trace.output)
     return ModelStructure(
         hidden_size=hidden,
@@ -157,18 +231,40 @@ def probe_model(model: nn.Module, example_inputs: tuple | None = None) -> ModelS
         example_inputs=example_inputs,
         reference_output=None if out is None else out.detach(),
         problem=problem,
+        entry=entry,
     )
 
 
-def _as_input_tuple(model: nn.Module, example_inputs) -> tuple:
-    """``example_inputs`` as a tuple of positional inputs (the model's default inputs when None)."""
-    if example_inputs is None:
-        return default_example_inputs(model)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        return (example_inputs,)
-    return example_inputs
+def _stream_entry(model: nn.Module, embeddings: list[str], hidden: int) -> str:
+    """Where the stream is widened: ``"embeddings"`` when it is computed only from ``nn.Embedding`` tables of the
+    stream width (their rows gain the extra slots), else ``"block"``: at the input of the first block, where the
+    stream first has its ``[..., D]`` form (patch embeddings, feature projections, concatenated CLS tokens...)."""
+    if embeddings and all(isinstance(mod, nn.Embedding) and mod.embedding_dim == hidden
+                          for mod in map(model.get_submodule, embeddings)):
+        return "embeddings"
+    return "block"
+
+
+def _other_stream_widths(model: nn.Module, trace: "_ForwardTrace", blocks: list[tuple[int, str]],
+                         hidden: int) -> str | None:
+    """A problem when blocks of another container carry a stream of another width (Swin-style stages joined by
+    patch merging): VWN widens one residual stream of constant width, and widening one stage alone is not what a
+    user asks for."""
+    stack = blocks[0][1].rsplit(".", 1)[0] if "." in blocks[0][1] else ""
+    for cname, container in trace.containers.items():
+        if not stack or cname == stack or cname.startswith(stack + "."):
+            continue  # the stack itself, and containers inside its blocks (MoE experts, ...)
+        children = {id(c) for c in container.children()}
+        for i, (name, mod, args, kwargs) in enumerate(trace.calls):
+            if id(mod) not in children or not any(is_norm_module(sub) for sub in mod.modules()):
+                continue
+            inp, out = _stream_arg(args, kwargs), _first_tensor(trace.outputs.get(i))
+            if inp is not None and out is not None and inp.shape == out.shape and inp.dim() >= 2 and \
+                    inp.shape[-1] != hidden and inp.is_floating_point():
+                return (f"{type(model).__name__} has residual blocks of width {inp.shape[-1]} ({name}) besides the "
+                        f"stack of width {hidden} ({blocks[0][1]} ...): the stream changes width between stages "
+                        "(e.g. Swin's patch merging); VWN widens one residual stream of constant width")
+    return None
 
 
 @dataclasses.dataclass
@@ -187,7 +283,7 @@ class _ForwardTrace:
     output: Any
 
 
-def _record_forward(model: nn.Module, example_inputs: tuple) -> _ForwardTrace:
+def _record_forward(model: nn.Module, example_inputs: ExampleInputs) -> _ForwardTrace:
     """Run the model once in eval mode with a pre- and post-hook on every module (restoring its training flags and
     removing the hooks afterwards). Before the first block, the output of every module that owns parameters
     becomes an autograd leaf, so the walk back from block 0's input stops at the modules it is computed from."""
@@ -229,12 +325,12 @@ def _record_forward(model: nn.Module, example_inputs: tuple) -> _ForwardTrace:
         model.eval()  # no dropout, no RNG use, no running-stat updates
         with torch.enable_grad():
             try:
-                out = model(*example_inputs)
+                out = example_inputs(model)
             except Exception as exc:  # the user's forward failed on our example: say which input we used
-                shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs]
                 raise UnsupportedModelError(
-                    f"the probe forward of {type(model).__name__} on example inputs {shapes} failed with "
-                    f"{type(exc).__name__}: {exc}; pass example_inputs= that the model's forward accepts"
+                    f"the probe forward of {type(model).__name__} on example inputs {example_inputs.describe()} "
+                    f"failed with {type(exc).__name__}: {exc}; pass example_inputs= that the model's forward accepts "
+                    "(positional inputs as a tensor or tuple, keyword inputs as a dict)"
                 ) from exc
     finally:
         for h in handles:
@@ -246,10 +342,12 @@ def _record_forward(model: nn.Module, example_inputs: tuple) -> _ForwardTrace:
 
 
 def _stream_end(trace: _ForwardTrace, blocks: list[tuple[int, str]], hidden: int):
-    """Where the residual stream leaves the block stack: ``(final module name, "norm" | "head" | "", the head's
-    name or None, the problem or None)``. The first module with parameters after the last block whose input is
-    the last block's output is the final module; the head is the first ``hidden``-wide linear from there. A
-    problem is reported by :func:`check_stream_ends`, after the blocks were analysed."""
+    """Where the residual stream leaves the block stack: ``(final module name, "norm" | "head" | "block", the head's
+    name or None, the problem or None)``. The first module with parameters after the last block whose input is the
+    last block's output is the final module: a norm or a ``hidden``-wide linear head takes the reduce before its
+    own forward; anything else (a pooler, several heads, the model's output itself) gets the reduce at the exit of
+    the last block (``"block"``), so whatever consumes the stream sees width D. The head is the first
+    ``hidden``-wide linear after a final norm."""
     calls = trace.calls
     last_idx = blocks[-1][0]
     block_names = {name for _, name in blocks}
@@ -266,46 +364,46 @@ def _stream_end(trace: _ForwardTrace, blocks: list[tuple[int, str]], hidden: int
                 inp.data_ptr() == last_out.data_ptr():
             final_idx = i
             break
-    if final_idx is None:
-        return "", "", None, (f"expected a final norm or head applied to the residual stream after {blocks[-1][1]}; "
-                              "found no module consuming it")
+    if final_idx is None or _stream_arg(calls[final_idx][2], calls[final_idx][3]).shape != last_out.shape or \
+            _holds(trace.output, last_out):
+        # no single module takes the whole stream (nothing does, a pooler takes a slice, or the model also returns
+        # the stream itself): the reduce goes to the exit of the last block
+        return blocks[-1][1], "block", None, None
     final_name, final_mod = calls[final_idx][0], calls[final_idx][1]
-    final_kind, head, problem = "", None, None
     if is_norm_module(final_mod):
         final_kind = "norm"
     elif isinstance(final_mod, nn.Linear) and final_mod.in_features == hidden:
         final_kind = "head"
     else:
-        problem = (f"expected the residual stream after {blocks[-1][1]} to enter a norm or a linear head, "
-                   f"found {final_name} ({type(final_mod).__name__})")
+        return blocks[-1][1], "block", None, None
+    head = None
     for i in range(final_idx + (1 if final_kind == "norm" else 0), len(calls)):
         name, mod = calls[i][0], calls[i][1]
         if isinstance(mod, nn.Linear) and mod.in_features == hidden:
             head = name
             break
-    return final_name, final_kind, head, problem
+    return final_name, final_kind, head, None
+
+
+def _holds(value: Any, tensor: torch.Tensor, depth: int = 0) -> bool:
+    """Whether ``value`` (a model's output: a tensor, a tuple/list/dict or a Hugging Face ModelOutput) contains
+    ``tensor`` itself."""
+    if value is tensor:
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, dict):  # ModelOutput is an OrderedDict
+        return any(_holds(v, tensor, depth + 1) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_holds(v, tensor, depth + 1) for v in value)
+    return False
 
 
 def check_stream_ends(model: nn.Module, structure: ModelStructure) -> None:
-    """The residual stream must start from nn.Embedding outputs of the stream width and end in a norm or head.
-
-    Checked after the blocks were analysed, so a model with unsupported blocks hears about its blocks first.
-    """
+    """Raise the problem the probe found with the stream (blocks of another width: checked before the blocks are
+    traced, as the more fundamental reason)."""
     if structure.problem:
         raise UnsupportedModelError(structure.problem)
-    first = structure.blocks[0].name
-    for name in structure.embeddings:
-        mod = model.get_submodule(name)
-        if not isinstance(mod, nn.Embedding):
-            raise UnsupportedModelError(
-                f"the residual stream entering {first} is computed from {name} ({type(mod).__name__}); expected "
-                "only nn.Embedding modules (token/position/type embeddings) before the first block"
-            )
-        if mod.embedding_dim != structure.hidden_size:
-            raise UnsupportedModelError(
-                f"embedding {name} has width {mod.embedding_dim} but the residual stream has width "
-                f"{structure.hidden_size}; expected embeddings of the stream width"
-            )
 
 
 def diagnose_post_ln(block: nn.Module, args: tuple, kwargs: dict) -> str | None:
@@ -342,8 +440,16 @@ def diagnose_post_ln(block: nn.Module, args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def _chain_rank(chain: list[tuple[int, str]], calls) -> tuple[bool, int]:
+    """Chains of blocks that hold a normalization (pre-norm residual blocks do) rank above any chain without one
+    (a ``Sequential`` of same-width linears, e.g. a timestep MLP); then the longer chain."""
+    return (bool(chain) and all(any(is_norm_module(sub) for sub in calls[i][1].modules()) for i, _ in chain),
+            len(chain))
+
+
 def _find_block_chain(model, calls, outputs, containers) -> list[tuple[int, str]]:
-    """The longest chain of container children where each block's output stream is the next block's input."""
+    """The chain of container children where each block's output stream is the next block's input: the longest
+    among chains of blocks holding a norm, else the longest."""
     best: list[tuple[int, str]] = []
     best_container = None
     for cname, container in containers.items():
@@ -362,7 +468,7 @@ def _find_block_chain(model, calls, outputs, containers) -> list[tuple[int, str]
                 if prev_out is not inp:
                     chain = []
             chain.append((i, name))
-        if len(chain) > len(best):
+        if _chain_rank(chain, calls) > _chain_rank(best, calls):
             best, best_container = chain, cname
     if not best:
         found = sorted(containers) or ["no nn.ModuleList/nn.Sequential"]

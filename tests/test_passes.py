@@ -287,3 +287,33 @@ def test_lowering_runs_the_block_passes_in_order():
                          established=("residual-updates",))
     assert [(n, r.changed, r.count) for n, r in results] == [("rewrite_block_graph", True, 2),
                                                              ("fuse_write_read", True, 1)]
+
+
+@pytest.mark.parametrize("make", [PreNormBlock, ParallelBlock])
+def test_stream_entry_and_exit_passes_preserve_the_block(make):
+    """A block that is both the first and the last of a stream not from token tables: widened at its input
+    (expand_stream_entry: slot copies) and reduced at its output (reduce_stream_exit: the first slot), it takes and
+    returns width D and computes what the original block computes."""
+    from vwn_transform.passes.block_graph import lower_block_graph
+
+    torch.manual_seed(4)
+    block = make()
+    s = torch.randn(2, 3, 8)
+    want = block(s)
+    graph, spec, values = traced(block, s)
+    updates = find_residual_updates(graph, block, spec.stream_placeholder(), "test block")
+    ghcs = with_ghcs(block, len(updates), n=2, m=1)
+    block.vwn_expand = nn.Parameter(torch.cat([torch.eye(8), torch.eye(8)]))  # [D', D]: both slots copy s
+    block.vwn_reduce = nn.Parameter(torch.cat([torch.eye(8), torch.zeros(8, 8)], dim=1))  # [D, D']: slot 0
+    block.vwn_group_norm_weight = None
+    fn, src = lower_block_graph(graph, updates, ghcs, "test", stream_entry=spec.stream_placeholder(),
+                                exit_group_size=8)
+    assert "expand_stream" in src and "reduce_stream" in src
+    got = fn(block, *values)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the passes are what makes it work: without the exit reduce the block returns the over-width state
+    graph2, spec2, _ = traced(block, s)
+    updates2 = find_residual_updates(graph2, block, spec2.stream_placeholder(), "test block")
+    fn2, _ = lower_block_graph(graph2, updates2, ghcs, "test", stream_entry=spec2.stream_placeholder())
+    assert fn2(block, *values).shape[-1] == 16

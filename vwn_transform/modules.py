@@ -18,8 +18,8 @@ from torch import nn
 
 import vwn_transform.ops  # registers torch.ops.vwn.*; stack_gates
 
-__all__ = ["GHC", "SlotRMSNorm", "WideEmbedding", "WideModelMixin", "swap_class", "swap_model_class",
-           "is_vwn_module"]
+__all__ = ["GHC", "SlotRMSNorm", "WideEmbedding", "WideModelMixin", "expand_stream", "is_vwn_module", "reduce_stream",
+           "swap_class", "swap_model_class"]
 
 
 class SlotRMSNorm(nn.Module):
@@ -299,18 +299,31 @@ class ReduceMixin(VWNMixin):
     vwn_pad_output: bool = False
 
     def forward(self, hidden_states, *args, **kwargs):
-        h = hidden_states
-        wide = h.shape[-1]
-        if getattr(self, "vwn_group_norm_weight", None) is not None:
-            g = self.vwn_group_size
-            hf = h.float().unflatten(-1, (-1, g))  # [..., D'] -> [..., D'/D, D]
-            hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
-            h = (hf.flatten(-2) * self.vwn_group_norm_weight.float()).to(h.dtype)  # [..., D']
-        x = F.linear(h, self.vwn_reduce.to(h.dtype))  # [..., D]
+        wide = hidden_states.shape[-1]
+        x = reduce_stream(hidden_states, self.vwn_reduce, getattr(self, "vwn_group_norm_weight", None),
+                          self.vwn_group_size)  # [..., D]
         out = super().forward(x, *args, **kwargs)
         if self.vwn_pad_output:
             out = F.pad(out, (0, wide - out.shape[-1]))  # [..., D] -> [..., D'] (zeros)
         return out
+
+
+def expand_stream(h: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
+    """The stream widened where it enters the block stack (models whose stream does not start at token tables):
+    ``h [..., D] @ expand^T -> [..., D']`` (``expand`` ``[D', D]``; function-preserving init: virtual slot k a copy
+    of backbone slot k mod m)."""
+    return F.linear(h, expand.to(h.dtype))  # [..., D']
+
+
+def reduce_stream(h: torch.Tensor, reduce: torch.Tensor, group_norm_weight: torch.Tensor | None,
+                  group_size: int) -> torch.Tensor:
+    """The over-width reduce ``W_reduce @ group_norm(h')``: ``[..., D'] -> [..., D]`` (``reduce`` ``[D, D']``; the RMS
+    group norm over groups of ``group_size`` only when ``group_norm_weight`` is given)."""
+    if group_norm_weight is not None:
+        hf = h.float().unflatten(-1, (-1, group_size))  # [..., D'] -> [..., D'/D, D]
+        hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = (hf.flatten(-2) * group_norm_weight.float()).to(h.dtype)  # [..., D']
+    return F.linear(h, reduce.to(h.dtype))  # [..., D]
 
 
 class SliceInputMixin(VWNMixin):

@@ -786,7 +786,7 @@ def _cached_decoder_graph(model: nn.Module, device, dtype, max_pos: int | None) 
 def _logits_graph(model: nn.Module, hf: bool, example_inputs, device, dtype, dynamic: bool,
                   max_pos: int | None) -> _ExportGraph:
     """The plain graph: the model's inputs (HF: ``input_ids``, ``attention_mask``) to ``logits``; with ``dynamic``
-    the first two axes of every input are ``batch`` and ``sequence``."""
+    the first axis of every input is ``batch`` and, for inputs of rank 2 or 3, the second is ``sequence``."""
     example_inputs, names = _plain_inputs(model, hf, example_inputs, device, dtype)
     dynamic_dims, dynamic_shapes = {}, None
     if dynamic:
@@ -794,7 +794,9 @@ def _logits_graph(model: nn.Module, hf: bool, example_inputs, device, dtype, dyn
         seq_dim = torch.export.Dim("sequence", max=max_pos) if max_pos else torch.export.Dim("sequence")
         spec = []
         for name, x in zip(names, example_inputs):
-            dims = {0: batch_dim, 1: seq_dim} if x.dim() >= 2 else ({0: batch_dim} if x.dim() == 1 else {})
+            # axis 1 is a sequence for token ids [B, T] and features [B, T, F]; images [B, C, H, W] (rank >= 4)
+            # keep their sizes, only the batch varies
+            dims = {0: batch_dim, 1: seq_dim} if 2 <= x.dim() <= 3 else ({0: batch_dim} if x.dim() >= 1 else {})
             spec.append(dims)
             dynamic_dims[name] = {k: ("batch" if k == 0 else "sequence") for k in dims}
         dynamic_shapes = (tuple(spec),)  # one entry for the wrapper's *inputs

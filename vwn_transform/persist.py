@@ -153,8 +153,14 @@ def _replay(base: nn.Module, recipe: dict, where: str) -> nn.Module:
     if existing is not None:
         raise CheckpointError(f"the model to load into is already widened ({_describe(existing)}); the factory "
                               f"must build the base model. {where} holds {_describe(cfg)}")
+    inputs = None
+    if recipe.get("example_inputs"):  # the form of the inputs widen() was probed with (non-token models)
+        from .passes.probe import ExampleInputs
+
+        ref = next((p for p in base.parameters()), None)
+        inputs = ExampleInputs.from_spec(recipe["example_inputs"], ref.device if ref is not None else "cpu")
     try:
-        wide = widen(base, config=cfg, inplace=True)
+        wide = widen(base, config=cfg, inplace=True, example_inputs=inputs)
     except ValueError as exc:  # includes UnsupportedModelError
         raise CheckpointError(f"{where} holds {_describe(cfg)}; replaying that recipe on the {type(base).__name__} "
                               f"to load into failed: {exc}") from exc

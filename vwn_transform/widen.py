@@ -27,6 +27,9 @@ from vwn_transform.modules import (
     swap_model_class,
 )
 from vwn_transform.passes.block_graph import (
+    ENTRY_EXPAND,
+    EXIT_GROUP_NORM,
+    EXIT_REDUCE,
     GHC_CONTAINER,
     BlockRunner,
     CallSpec,
@@ -102,6 +105,8 @@ class WidenPlan:
     params_added: int
     flops_original_per_token: int
     flops_added_per_token: int
+    entry: str = "embeddings"  # or "block": the stream is widened at the input of first_block
+    first_block: str = ""
 
     @property
     def hidden_size(self) -> int:
@@ -120,8 +125,12 @@ class WidenPlan:
             f"over-width D' = {c.n * d // c.m}",
             f"  GHC: {'dynamic' if c.dynamic else 'static'}, init={c.init}, embedding={c.embedding}, "
             f"group norm={'on' if c.use_group_norm() else 'off'}",
-            "  embeddings widened:",
         ]
+        if self.entry == "block":
+            lines.append(f"  stream widened D -> D' at the input of {self.first_block} (factorized expansion: it "
+                         "does not start at token tables)")
+        else:
+            lines.append("  embeddings widened:")
         for e in self.embeddings:
             tie = f", tied to {e.tied_to}" if e.tied_to else ""
             lines.append(f"    {e.name} ({e.kind}, {e.num_embeddings} rows{tie})")
@@ -133,7 +142,8 @@ class WidenPlan:
                 continue
             ups = "; ".join(" -> ".join(u) + (" (parallel)" if par else "") for u, par in zip(b.updates, b.parallel))
             lines.append(f"    {b.name} ({b.kind}): {ups}")
-        where = "before the final norm" if self.final_kind == "norm" else "before the head (no final norm)"
+        where = {"norm": "before the final norm", "head": "before the head (no final norm)",
+                 "block": "at the output of the last block"}[self.final_kind]
         lines.append(f"  reduce D' -> D inserted {where}: {self.final}")
         if self.head:
             lines.append(f"  head: {self.head}")
@@ -252,6 +262,7 @@ def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, 
             raise ValueError(f"config.m={fixed.m} must divide the model's hidden size {d}")
         cfg = fixed.replace(hidden_size=d)
 
+    check_stream_ends(model, structure)  # a stream whose width changes between stages: refused before its blocks
     blocks = []
     for call in structure.blocks:
         spec, _ = CallSpec.from_call(call.module, call.args, call.kwargs)
@@ -269,7 +280,11 @@ def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, 
                 ) from exc
             raise
         blocks.append(_BlockAnalysis(call.name, spec, graph, updates))
-    check_stream_ends(model, structure)
+    if cfg.mtp and (structure.entry != "embeddings" or structure.final_kind == "block"):
+        raise UnsupportedModelError(
+            f"mtp=True needs a token language model (a stream from token tables into a final norm or head); "
+            f"{type(model).__name__}'s stream starts at {structure.embeddings or 'its inputs'} and ends "
+            f"{'at ' + structure.final if structure.final_kind != 'block' else 'in a pooler or other consumer'}")
     return cfg, structure, blocks
 
 
@@ -277,9 +292,12 @@ def _count_added(model: nn.Module, cfg: VWNConfig, structure: ModelStructure, nu
     d, n, m = cfg.hidden_size, cfg.n, cfg.m
     wide = n * d // m
     added = num_ghc * ghc_params(d, m, n, cfg.dynamic)
-    for name in structure.embeddings:
-        emb = model.get_submodule(name)
-        added += emb.num_embeddings * (wide - d) if cfg.embedding == "table" else wide * d
+    if structure.entry == "block":
+        added += wide * d  # the expansion at the first block's input
+    else:
+        for name in structure.embeddings:
+            emb = model.get_submodule(name)
+            added += emb.num_embeddings * (wide - d) if cfg.embedding == "table" else wide * d
     added += d * wide + (wide if cfg.use_group_norm() else 0)
     return added
 
@@ -298,10 +316,12 @@ def _build_plan(model, cfg, structure, blocks) -> WidenPlan:
         flops_original += 2 * head_mod.weight.numel()
     num_ghc = sum(len(b.updates) for b in blocks)
     flops_added = num_ghc * ghc_flops_per_token(d, m, n, cfg.dynamic) + 2 * d * wide
-    if cfg.embedding == "factorized":
+    if structure.entry == "block":
+        flops_added += 2 * d * wide
+    elif cfg.embedding == "factorized":
         flops_added += 2 * d * wide * len(structure.embeddings)
     embeddings = []
-    for name in structure.embeddings:
+    for name in (structure.embeddings if structure.entry == "embeddings" else []):
         emb = model.get_submodule(name)
         tied = structure.head if head_mod is not None and head_mod.weight is emb.weight else None
         embeddings.append(EmbeddingPlan(name, type(emb).__name__, emb.num_embeddings, tied))
@@ -314,6 +334,8 @@ def _build_plan(model, cfg, structure, blocks) -> WidenPlan:
         final=structure.final,
         final_kind=structure.final_kind,
         head=structure.head,
+        entry=structure.entry,
+        first_block=structure.first_block,
         params_original=params_original,
         params_added=_count_added(model, cfg, structure, num_ghc),
         flops_original_per_token=flops_original,
@@ -323,7 +345,7 @@ def _build_plan(model, cfg, structure, blocks) -> WidenPlan:
 
 def plan(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
          dynamic: bool = True, init: str = "preserve", embedding: str = "table",
-         example_inputs: tuple | None = None, mtp: bool = False, mtp_weight: float = 0.3) -> WidenPlan:
+         example_inputs: Any = None, mtp: bool = False, mtp_weight: float = 0.3) -> WidenPlan:
     """Report what :func:`widen` would do to ``model``, without changing it.
 
     Example:
@@ -375,6 +397,23 @@ def _float_param(module: nn.Module) -> torch.Tensor | None:
 
 
 @torch.no_grad()
+def _expansion(cfg: VWNConfig, ref: torch.Tensor) -> torch.Tensor:
+    """The factorized expansion ``[D', D]`` (dtype and device of ``ref``): virtual slot k reads backbone slot
+    k mod m (function-preserving init), or, with init="paper", the first m slots the identity and the rest
+    N(0, 1/D)."""
+    d, n, m = cfg.hidden_size, cfg.n, cfg.m
+    slot = d // m
+    expand = torch.zeros(n * slot, d, dtype=ref.dtype, device=ref.device)
+    eye = torch.eye(slot, dtype=ref.dtype, device=ref.device)
+    for k in range(n):
+        if k < m or cfg.init == "preserve":
+            expand[k * slot:(k + 1) * slot, (k % m) * slot:(k % m + 1) * slot] = eye
+    if cfg.init == "paper":
+        expand[d:].normal_(0.0, d ** -0.5)
+    return expand
+
+
+@torch.no_grad()
 def _widen_embedding(emb: nn.Embedding, cfg: VWNConfig, op: _Surgery) -> None:
     d, n, m = cfg.hidden_size, cfg.n, cfg.m
     slot = d // m
@@ -393,20 +432,15 @@ def _widen_embedding(emb: nn.Embedding, cfg: VWNConfig, op: _Surgery) -> None:
                 extra[emb.padding_idx] = 0
         op.set(emb, "vwn_extra", nn.Parameter(extra))
     else:
-        expand = torch.zeros(wide, d, dtype=w.dtype, device=w.device)
-        eye = torch.eye(slot, dtype=w.dtype, device=w.device)
-        for k in range(n):
-            if k < m or cfg.init == "preserve":
-                expand[k * slot:(k + 1) * slot, (k % m) * slot:(k % m + 1) * slot] = eye
-        if cfg.init == "paper":
-            expand[d:].normal_(0.0, d ** -0.5)
-        op.set(emb, "vwn_expand", nn.Parameter(expand))
+        op.set(emb, "vwn_expand", nn.Parameter(_expansion(cfg, w)))
     op.set(emb, "vwn_mode", cfg.embedding)
     op.swap(emb, WideEmbedding)
 
 
 @torch.no_grad()
-def _widen_final(final: nn.Module, cfg: VWNConfig, ref: torch.Tensor, op: _Surgery) -> None:
+def _reduce_parameters(cfg: VWNConfig, ref: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """``(vwn_reduce [D, D'], vwn_group_norm_weight [D'] or None)``: the reduce reads the first m slots
+    (function-preserving init) or is N(0, 1/D') (init="paper")."""
     d = cfg.hidden_size
     wide = cfg.n * d // cfg.m
     reduce = torch.zeros(d, wide, dtype=ref.dtype, device=ref.device)
@@ -414,25 +448,44 @@ def _widen_final(final: nn.Module, cfg: VWNConfig, ref: torch.Tensor, op: _Surge
         reduce[:, :d] = torch.eye(d, dtype=ref.dtype, device=ref.device)
     else:
         reduce.normal_(0.0, wide ** -0.5)
-    op.set(final, "vwn_reduce", nn.Parameter(reduce))
-    op.set(final, "vwn_group_size", d)
     group = nn.Parameter(torch.ones(wide, dtype=ref.dtype, device=ref.device)) if cfg.use_group_norm() else None
+    return nn.Parameter(reduce), group
+
+
+def _widen_final(final: nn.Module, cfg: VWNConfig, ref: torch.Tensor, op: _Surgery) -> None:
+    reduce, group = _reduce_parameters(cfg, ref)
+    op.set(final, "vwn_reduce", reduce)
+    op.set(final, "vwn_group_size", cfg.hidden_size)
     op.set(final, "vwn_group_norm_weight", group)
     op.swap(final, ReduceMixin)
 
 
-def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op: _Surgery) -> None:
+def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op: _Surgery, *,
+                 stream_entry: bool = False, stream_exit: bool = False) -> None:
+    """Swap in the widened forward of one block. ``stream_entry``: the first block of a stream widened at its input
+    (it gains ``vwn_expand`` ``[D', D]``); ``stream_exit``: the last block of a stream reduced at its exit (it
+    gains ``vwn_reduce`` and ``vwn_group_norm_weight``)."""
     ref = _float_param(block)
     ghcs = nn.ModuleList(
         GHC(None, cfg.hidden_size, cfg.n, cfg.m, dynamic=cfg.dynamic, eps=cfg.eps, recompute=cfg.recompute) for _ in analysis.updates
     )
     if ref is not None:
         ghcs.to(dtype=ref.dtype, device=ref.device)
+    ref = ref if ref is not None else next(ghcs.parameters())
+    if stream_entry:
+        op.set(block, ENTRY_EXPAND, nn.Parameter(_expansion(cfg, ref)))
+    if stream_exit:
+        reduce, group = _reduce_parameters(cfg, ref)
+        op.set(block, EXIT_REDUCE, reduce)
+        op.set(block, EXIT_GROUP_NORM, group)
     graph = copy.deepcopy(analysis.graph)  # the analysis stays reusable
     node_map = dict(zip(analysis.graph.nodes, graph.nodes))
     updates = [u.remapped(node_map) for u in analysis.updates]
-    fn, src = lower_block_graph(graph, updates, ghcs, analysis.name)
-    runner = BlockRunner(analysis.name, [u.sublayers for u in analysis.updates])
+    group_size = cfg.hidden_size if stream_exit else None
+    fn, src = lower_block_graph(graph, updates, ghcs, analysis.name,
+                                stream_entry=analysis.spec.stream_placeholder() if stream_entry else None,
+                                exit_group_size=group_size)
+    runner = BlockRunner(analysis.name, [u.sublayers for u in analysis.updates], stream_entry, group_size)
     runner.install(analysis.spec.key, fn, src)
     op.set(block, GHC_CONTAINER, ghcs)
     op.set(block, "vwn_runner", runner)
@@ -487,18 +540,27 @@ def _hook_model(target: nn.Module, op: _Surgery) -> None:
 
 
 def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStructure, blocks, cfg: VWNConfig,
-                   op: _Surgery) -> None:
+                   op: _Surgery, inputs_given: bool = False) -> None:
     """``model.vwn_recipe``: what save/load needs to replay widen() (and, for HF models, ``config.vwn_recipe``,
-    which ``save_pretrained`` writes into config.json)."""
+    which ``save_pretrained`` writes into config.json). ``inputs_given``: the user passed example_inputs, whose form
+    (shapes, dtypes, keywords) the recipe records so that a replay can probe the model the same way."""
     from vwn_transform import __version__
 
+    wrapped = {"embeddings": list(structure.embeddings) if structure.entry == "embeddings" else [],
+               "blocks": [b.name for b in blocks], "final": structure.final, "head": structure.head}
+    if structure.entry == "block":
+        wrapped["entry"] = structure.first_block  # the stream is widened at this block's input
+    if structure.final_kind == "block":
+        wrapped["exit"] = structure.last_block  # and reduced at this block's output
     recipe = {
         "vwn_config": cfg.to_dict(),
         "vwn_transform_version": __version__,
         "model_class": type(original).__name__,
-        "wrapped": {"embeddings": list(structure.embeddings), "blocks": [b.name for b in blocks],
-                    "final": structure.final, "head": structure.head},
+        "wrapped": wrapped,
     }
+    spec = structure.example_inputs.to_spec() if inputs_given else None
+    if spec is not None:
+        recipe["example_inputs"] = spec
     attn = getattr(getattr(target, "config", None), "_attn_implementation", None)
     if isinstance(attn, str):
         recipe["attn_implementation"] = attn  # a runtime choice HF does not save; replayed for exact logits
@@ -540,12 +602,14 @@ def _check_widened_output(target: nn.Module, model_name: str, structure, cfg: VW
 
 def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: VWNConfig | None = None,
           dynamic: bool = True, init: str = "preserve", embedding: str = "table", inplace: bool = False,
-          example_inputs: tuple | None = None, mtp: bool = False, mtp_weight: float = 0.3) -> nn.Module:
+          example_inputs: Any = None, mtp: bool = False, mtp_weight: float = 0.3) -> nn.Module:
     """Rewrite a pre-norm transformer into its Virtual-Width form.
 
     Args:
         model: a pre-norm transformer: a Hugging Face causal LM, the reference :class:`~vwn_transform.models.GPT`,
-            or any module whose blocks compute ``s + f(norm(s))``.
+            a vision/audio encoder or classifier, a DiT-style stack, or any module whose blocks compute
+            ``s + f(norm(s))``. A stream that does not start at token tables is widened at the first block's input;
+            one that no single module consumes after the last block is reduced at the last block's output.
         ratio: virtual-width ratio r = n/m: int, float, Fraction or a string such as ``"3/2"``.
         m: slots per backbone vector; default the smallest m dividing the hidden size with ``ratio*m`` integer.
         config: a full :class:`VWNConfig` instead of ratio/m/dynamic/init/embedding.
@@ -554,7 +618,9 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
             ``"paper"``: the paper's initialization for training from scratch.
         embedding: ``"table"`` or ``"factorized"``.
         inplace: rewrite ``model`` itself instead of a deep copy.
-        example_inputs: positional inputs for the probe forward; default a ``[1, 8]`` batch of token ids.
+        example_inputs: inputs for the probe forward: a tensor or a tuple of positional inputs, or a dict of keyword
+            inputs (``{"pixel_values": x}``); default a ``[1, 8]`` batch of token ids. Their form is recorded in
+            the recipe, so that loading a checkpoint probes the model the same way.
         mtp: add next-2-token prediction (:mod:`vwn_transform.mtp`): when the model is called with labels
             (``labels`` or ``targets``), its loss becomes next-token loss + ``mtp_weight`` x next-2-token loss;
             without labels it computes exactly what it would without MTP.
@@ -592,23 +658,30 @@ def widen(model: nn.Module, ratio: Any = None, *, m: int | None = None, config: 
     target = model if inplace else copy.deepcopy(model)
     op = _Surgery()
     try:
-        for name in structure.embeddings:
-            _widen_embedding(target.get_submodule(name), cfg, op)
-        for analysis in blocks:
-            _widen_block(target.get_submodule(analysis.name), analysis, cfg, op)
-        final = target.get_submodule(structure.final)
-        ref = _float_param(final)
-        _widen_final(final, cfg, ref if ref is not None else _float_param(target), op)
+        if structure.entry == "embeddings":
+            for name in structure.embeddings:
+                _widen_embedding(target.get_submodule(name), cfg, op)
+        for i, analysis in enumerate(blocks):
+            _widen_block(target.get_submodule(analysis.name), analysis, cfg, op,
+                         stream_entry=i == 0 and structure.entry == "block",
+                         stream_exit=i == len(blocks) - 1 and structure.final_kind == "block")
+        if structure.final_kind != "block":
+            final = target.get_submodule(structure.final)
+            ref = _float_param(final)
+            _widen_final(final, cfg, ref if ref is not None else _float_param(target), op)
         op.set(target, "vwn_config", cfg)
         _check_widened_output(target, type(model).__name__, structure, cfg, op)
         if cfg.mtp:
             attach_mtp(target, structure, cfg, op)
         _hook_model(target, op)
-        _record_recipe(target, model, structure, blocks, cfg, op)
+        _record_recipe(target, model, structure, blocks, cfg, op, inputs_given=example_inputs is not None)
     except BaseException:
         op.rollback()
         raise
-    log.info("widened %s to r=%s ((m, n) = (%d, %d)): %d GHC modules, %d embeddings, reduce at %s in %.2fs",
+    log.info("widened %s to r=%s ((m, n) = (%d, %d)): %d GHC modules, %s, reduce %s in %.2fs",
              type(model).__name__, Fraction(cfg.n, cfg.m), cfg.m, cfg.n, sum(len(b.updates) for b in blocks),
-             len(structure.embeddings), structure.final, time.perf_counter() - start)
+             f"{len(structure.embeddings)} embeddings" if structure.entry == "embeddings"
+             else f"stream expanded at the input of {structure.first_block}",
+             f"at the output of {structure.last_block}" if structure.final_kind == "block" else f"at {structure.final}",
+             time.perf_counter() - start)
     return target
