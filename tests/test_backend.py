@@ -49,8 +49,8 @@ def test_backend_resolves_in_a_fresh_interpreter_without_importing_vwn_transform
     assert out.stdout.split() == ["vwn_transform.backend", "vwn_backend"]
 
 
-@pytest.mark.parametrize("name", ["gpt", "llama"])
-@pytest.mark.parametrize("m,n", [(2, 3), (2, 8)])
+# CI time: (2, 8) on the reference GPT only (the HF family adds Dynamo tracing of its attention, not other slots)
+@pytest.mark.parametrize("name,m,n", [("gpt", 2, 3), ("gpt", 2, 8), ("llama", 2, 3)])
 def test_compiled_matches_eager_forward_and_five_training_steps(name, m, n):
     hf = name != "gpt"
     eager = build(name, m, n).train()

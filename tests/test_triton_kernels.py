@@ -482,7 +482,10 @@ def _dropped_bytes(model, idx):
     return _Recomputed.dropped_bytes - before
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+# CI time: the reference only; recomputation is the same op call again whichever implementation runs it (a
+# recompute=True model under the Triton kernels, gradients included, runs in
+# test_blocks_run_the_fused_op_and_keep_gradients[triton])
+@pytest.mark.parametrize("impl", ["reference"])
 def test_recompute_gives_the_same_gradients_with_less_memory(impl):
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     torch.manual_seed(0)

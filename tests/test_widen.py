@@ -428,9 +428,17 @@ class EmbeddingNormModel(TokenModel):
         return self.head(self.norm(x))
 
 
-def test_stream_not_starting_at_embeddings_is_refused_naming_the_module():
-    with pytest.raises(UnsupportedModelError, match="computed from emb_norm \\(LayerNorm\\)"):
-        vwn_transform.widen(EmbeddingNormModel(), 2)
+def test_stream_computed_after_the_embeddings_is_widened_at_the_first_block():
+    """An embedding norm between the table and block 0 (BLOOM-style): the stream first has its [..., D] form after
+    the norm, so it is widened at block 0's input instead of in the table, and the function is kept."""
+    torch.manual_seed(0)
+    model = EmbeddingNormModel().eval()
+    wide = vwn_transform.widen(model, 2)
+    assert wide.vwn_recipe["wrapped"]["entry"] == "blocks.0" and wide.vwn_recipe["wrapped"]["embeddings"] == []
+    assert not hasattr(wide.emb, "vwn_extra")
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        assert (wide(ids) - model(ids)).abs().max().item() <= 1e-5
 
 
 def test_plain_mlp_has_no_residual_stream():
