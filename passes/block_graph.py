@@ -415,8 +415,8 @@ def _emit_read(graph: fx.Graph, ghc: nn.Module, index: int, stream: fx.Node) -> 
         read = graph.create_node("call_method", "contract", (module, stream), name=f"ghc_in_{i}")
     elif ghc.dynamic:
         gain, proj = (_parameter(graph, ghc, i, name) for name in ("norm.weight", "proj"))
-        gates, scales = (_stacked_gates(graph, ghc, i, names) for names in (("read", "carry", "write"),
-                                                                           ("scale_read", "scale_carry", "scale_write")))
+        maps, gate_scales = ("read", "carry", "write"), ("scale_read", "scale_carry", "scale_write")
+        gates, scales = (_stacked_gates(graph, ghc, i, names) for names in (maps, gate_scales))
         read = graph.create_node("call_function", torch.ops.vwn.ghc_read_dynamic.default,
                                  (stream, gain, proj, gates, scales, float(ghc.eps)), name=f"ghc_in_{i}")
     else:

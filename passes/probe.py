@@ -27,8 +27,8 @@ from torch import nn
 from vwn_transform.config import UnsupportedModelError
 
 __all__ = [
-    "ModelStructure", "BlockCall", "ExampleInputs", "check_stream_ends", "default_example_inputs", "diagnose_post_ln", "is_norm_module",
-    "primary_output", "probe_model", "run_quietly",
+    "ModelStructure", "BlockCall", "ExampleInputs", "check_stream_ends", "default_example_inputs", "diagnose_post_ln",
+    "is_norm_module", "primary_output", "probe_model", "run_quietly",
 ]
 
 

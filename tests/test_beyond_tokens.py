@@ -120,6 +120,11 @@ def test_vit_classifier_is_preserved_with_dict_inputs(ratio):
     with torch.no_grad():
         assert max_diff(wide(pixel_values=other).logits, base(pixel_values=other).logits) <= 1e-5
     assert "at the input of vit.layers.0" in str(vwn_transform.plan(base, ratio, example_inputs={"pixel_values": x}))
+    # training: every parameter, the expansion included, gets a finite gradient
+    loss = torch.nn.functional.cross_entropy(wide.train()(pixel_values=other).logits, torch.tensor([0, 3, 4]))
+    loss.backward()
+    missing = [k for k, p in wide.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
 
 
 # other vision and audio encoders: (config class, model class, config kwargs, input name, input shape)

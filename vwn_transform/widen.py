@@ -467,7 +467,8 @@ def _widen_block(block: nn.Module, analysis: _BlockAnalysis, cfg: VWNConfig, op:
     gains ``vwn_reduce`` and ``vwn_group_norm_weight``)."""
     ref = _float_param(block)
     ghcs = nn.ModuleList(
-        GHC(None, cfg.hidden_size, cfg.n, cfg.m, dynamic=cfg.dynamic, eps=cfg.eps, recompute=cfg.recompute) for _ in analysis.updates
+        GHC(None, cfg.hidden_size, cfg.n, cfg.m, dynamic=cfg.dynamic, eps=cfg.eps, recompute=cfg.recompute)
+        for _ in analysis.updates
     )
     if ref is not None:
         ghcs.to(dtype=ref.dtype, device=ref.device)
