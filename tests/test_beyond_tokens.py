@@ -213,6 +213,18 @@ def test_save_and_load_replay_the_recipe(tmp_path, make, inputs, call):
         assert max_diff(call(loaded.eval(), x), call(wide.eval(), x)) == 0.0
 
 
+def test_vit_save_pretrained_round_trip(tmp_path):
+    """from_pretrained rebuilds the class config.json names (an image classifier, not a causal LM) and replays the
+    recipe with inputs of the recorded form."""
+    wide = vwn_transform.widen(tiny_vit(), 1.5, init="paper", example_inputs={"pixel_values": pixels()})
+    wide.save_pretrained(tmp_path / "vit")
+    back = vwn_transform.from_pretrained(tmp_path / "vit")
+    assert type(back).__name__ == "ViTForImageClassification" and back.vwn_recipe["wrapped"]["entry"]
+    x = pixels(3, seed=9)
+    with torch.no_grad():
+        assert max_diff(back.eval()(pixel_values=x).logits, wide.eval()(pixel_values=x).logits) == 0.0
+
+
 def test_widened_vit_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     base = tiny_vit()

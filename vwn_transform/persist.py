@@ -270,18 +270,29 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _hf_model_class(config):
+    """The class that config.json's ``architectures`` names (what ``save_pretrained`` wrote: a causal LM, an image
+    classifier, a vision encoder...), else ``AutoModelForCausalLM``."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+        return cls
+    return transformers.AutoModelForCausalLM
+
+
 def _hf_load(folder: Path, config, allowed_unexpected, strict: bool, kwargs: dict) -> nn.Module:
-    """transformers' ``AutoModelForCausalLM.from_pretrained`` with its load report turned into an error:
-    missing, unexpected (other than ``allowed_unexpected(key)``) or mismatched weights raise
-    :class:`CheckpointError` naming them; with ``strict=False`` they are logged as a warning instead."""
-    from transformers import AutoModelForCausalLM
+    """transformers' ``from_pretrained`` of the class config.json names (:func:`_hf_model_class`) with its load
+    report turned into an error: missing, unexpected (other than ``allowed_unexpected(key)``) or mismatched weights
+    raise :class:`CheckpointError` naming them; with ``strict=False`` they are logged as a warning instead."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its report is checked below, and raised or logged by us
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(folder), config=config, output_loading_info=True,
-                                                           **kwargs)
+        model, info = _hf_model_class(config).from_pretrained(str(folder), config=config, output_loading_info=True,
+                                                              **kwargs)
     except (OSError, ValueError) as exc:  # transformers' own messages name what is wrong; add the folder
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise CheckpointError(f"transformers could not load {str(folder)!r}: {first}") from exc
@@ -341,8 +352,33 @@ def _checkpoint_folder(path) -> Path:
     return folder
 
 
+def _vwn_keys_as_loaded(base: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``*.vwn_*`` keys of a checkpoint under the module paths of the loaded model. transformers 5 saves some
+    models under their original checkpoint names (ViT's ``vit.layers.0`` as ``vit.encoder.layer.0``) and renames
+    them when loading; the VWN weights, which live on the same modules, were saved renamed too and are renamed here
+    with transformers' own mapping for this model."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers without checkpoint conversions: saved names are the module paths
+        return state
+    transforms = get_model_conversion_mapping(base)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = base.state_dict()
+    renamed = {}
+    for key, value in state.items():
+        if ".vwn_" in key or key.startswith("vwn_"):
+            key = rename_source_key(key, renamings, converters, getattr(base, "base_model_prefix", None), meta)[0]
+        renamed[key] = value
+    return renamed
+
+
 def from_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
-    """Load a widened Hugging Face causal LM saved with ``model.save_pretrained(path)``.
+    """Load a widened Hugging Face model (a causal LM, an image classifier, an encoder: the class config.json names)
+    saved with ``model.save_pretrained(path)``.
 
     transformers loads the base model's weights (with its own checkpoint conversions, no initialization of
     loaded weights), widen() is replayed with the recipe stored in config.json (``vwn_recipe``), and the
@@ -384,6 +420,7 @@ def from_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
     # widened model below
     base = _hf_load(folder, config, lambda key: ".vwn_" in key or key.startswith("vwn_"), strict, kwargs)
     base_keys = set(base.state_dict())
+    state = _vwn_keys_as_loaded(base, state)
     wide = _replay(base.eval(), recipe, repr(str(folder)))
     added = {k: v for k, v in wide.state_dict().items() if k not in base_keys}
     missing = sorted(k for k in added if k not in state)
