@@ -136,6 +136,7 @@ BAD_ARGUMENTS = [
     (("export", "--gpt", "--out", "x.onnx"), 1, ["--ratio", "--plain"]),
     (("demo", "--device", "cuda:0", "--quick"), 1, ["CUDA is not available"]),
     (("nonsense",), 2, ["invalid choice"]),
+    (("demo", "--pretrain-steps", "-1"), 2, ["--pretrain-steps", ">= 0"]),
 ]
 
 
@@ -269,6 +270,34 @@ def test_demo_keeps_results_json_when_the_export_fails(tmp_path, monkeypatch):
     assert len(results["val_loss"]["baseline"]) == 3 and "exploded" in results["onnx"]
     assert (tmp_path / "loss_curves.png").is_file()
     assert torch.get_num_threads() == threads  # the caller's thread setting is restored
+
+
+def test_demo_continued_pretraining_widens_the_trained_baseline(tmp_path, monkeypatch):
+    """--pretrain-steps: the baseline trains alone first, its widened twin starts from the trained weights at the
+    same loss (function-preserving), and both continue on batches the pretraining did not use."""
+    from vwn_experiments import shakespeare as demo
+
+    with pytest.raises(ValueError, match="pretrain_steps must be an int >= 0"):
+        demo.run_demo(demo.DemoSettings.quick(steps=2), tmp_path / "bad", export=False, progress=False,
+                      echo=lambda _: None, pretrain_steps=-1)
+    assert not (tmp_path / "bad").exists()
+    seen = []
+    original = demo.Batches.train_batch
+    monkeypatch.setattr(demo.Batches, "train_batch", lambda self, step: seen.append(step) or original(self, step))
+    lines = []
+    results = demo.run_demo(demo.DemoSettings.quick(steps=3, eval_every=1), tmp_path / "out", export=False,
+                            progress=False, echo=lines.append, threads=1, pretrain_steps=4)
+    pre = results["pretrain"]
+    assert results["pretrain_steps"] == 4 and pre["steps"] == 4 and len(pre["val_loss"]) == 5  # steps 0..4
+    assert pre["val_loss"][-1] < pre["val_loss"][0]  # the baseline did train
+    lb, lw = results["val_loss"]["baseline"], results["val_loss"]["widened"]
+    assert abs(lb[0] - pre["val_loss"][-1]) <= 1e-6  # the second phase starts where the first ended
+    assert abs(lw[0] - lb[0]) <= 1e-5  # ... for the widened twin too (function-preserving)
+    assert results["tokens"][0] == 0 and len(lb) == 4
+    assert any("continued pretraining" in line for line in lines)
+    assert "after 4 steps of baseline pretraining" in demo.format_demo_table(results)
+    # pretraining reads batches 0..3; the second phase 4..6 (once per step, shared by the twins)
+    assert seen == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_demo_thread_choice(monkeypatch):

@@ -176,7 +176,8 @@ def load_corpus() -> tuple[torch.Tensor, str]:
 class Batches:
     """Deterministic train batches (same seed -> same batches in the same order) and a fixed validation set."""
 
-    def __init__(self, data: torch.Tensor, settings: DemoSettings, device: torch.device):
+    def __init__(self, data: torch.Tensor, settings: DemoSettings, device: torch.device,
+                 total_steps: int | None = None):
         split = int(len(data) * 0.9)
         self.train, self.val = data[:split], data[split:]
         self.settings = settings
@@ -185,7 +186,8 @@ class Batches:
         if len(self.val) <= t + 1:
             raise ValueError(f"the corpus is too small for block_size {t}")
         g = torch.Generator().manual_seed(settings.seed)
-        self.train_offsets = torch.randint(0, len(self.train) - t - 1, (settings.steps, settings.batch_size),
+        steps = settings.steps if total_steps is None else total_steps  # pretraining + training steps
+        self.train_offsets = torch.randint(0, len(self.train) - t - 1, (steps, settings.batch_size),
                                            generator=g)  # [steps, B]
         gv = torch.Generator().manual_seed(1234)
         self.val_offsets = torch.randint(0, len(self.val) - t - 1, (settings.eval_batches, settings.batch_size),
@@ -268,10 +270,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def train_models(models: dict[str, nn.Module], settings: DemoSettings, batches: Batches, *,
-                 progress: bool = True, desc: str = "train") -> dict:
+                 progress: bool = True, desc: str = "train", first_batch: int = 0) -> dict:
     """Train every model on the same batches, interleaved step by step; evaluate at step 0, every
-    ``eval_every`` steps and at the end. Returns ``{"tokens": [...], "val": {name: [...]}, "val_mtp": ...,
-    "train_loss": {name: [...]}, "seconds": {name: s}}``."""
+    ``eval_every`` steps and at the end. ``first_batch``: the index of the first training batch (after a
+    pretraining phase, training continues on unseen batches); tokens are counted from this phase's start.
+    Returns ``{"tokens": [...], "val": {name: [...]}, "val_mtp": ..., "train_loss": {name: [...]},
+    "seconds": {name: s}}``."""
     opts = {name: make_optimizer(model, settings) for name, model in models.items()}
     val = batches.val_batches()
     history = {"tokens": [], "val": {n: [] for n in models}, "val_mtp": {}, "train_loss": {n: [] for n in models},
@@ -290,7 +294,7 @@ def train_models(models: dict[str, nn.Module], settings: DemoSettings, batches: 
     record(0)
     bar = _progress(settings.steps, desc, progress)
     for step in range(settings.steps):
-        x, y = batches.train_batch(step)
+        x, y = batches.train_batch(first_batch + step)
         lr = lr_at(step, settings)
         for name, model in models.items():
             t0 = time.perf_counter()
@@ -470,13 +474,21 @@ def _write_json(path: Path, results: dict) -> None:
 @_restoring_threads
 def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, mtp: bool = False,
              export: bool = True, progress: bool = True, echo: Callable[[str], None] | None = None,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, pretrain_steps: int = 0) -> dict:
     """Train the reference GPT and its widened twin; write ``results.json``, ``loss_curves.png`` and (when
     ``export``) ``widened.onnx`` into ``out_dir``. Returns the results dict.
+
+    ``pretrain_steps`` > 0: continued pretraining. The baseline first trains alone for that many steps (its own
+    warm-up and cosine schedule), then its widened twin is made from the trained model (function-preserving: both
+    start the second phase at the same loss) and both continue for ``settings.steps`` steps on the same, unseen
+    batches, each with a fresh optimizer and schedule; the curves, the final gap and the token efficiency are of
+    that second phase.
 
     Optional dependencies (matplotlib; onnx/onnxruntime when ``export``) are checked before training;
     ``results.json`` is written as soon as training ends, so a failing plot or export keeps the numbers."""
     echo = echo or _echo
+    if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int) or pretrain_steps < 0:
+        raise ValueError(f"pretrain_steps must be an int >= 0, got {pretrain_steps!r}")
     r = parse_ratio(ratio)
     choose_slots(r, settings.n_embd, m)  # a ratio/m the model cannot take fails here, before any file is written
     device = resolve_device(settings.device)  # validate everything before creating the output folder
@@ -485,15 +497,26 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
     _set_threads(threads, device, echo)
     data, source = load_corpus()
     echo(f"corpus: {source}")
-    batches = Batches(data, settings, device)
+    batches = Batches(data, settings, device, total_steps=pretrain_steps + settings.steps)
     base = base_model(settings, device)
+    pretrain = None
+    if pretrain_steps:
+        echo(f"continued pretraining: the baseline trains alone for {pretrain_steps} steps, then is widened "
+             "(function-preserving) and both continue on the same batches")
+        phase = dataclasses.replace(settings, steps=pretrain_steps, eval_every=min(settings.eval_every, pretrain_steps),
+                                    warmup=min(settings.warmup, pretrain_steps))
+        pre = train_models({"baseline": base}, phase, batches, progress=progress, desc="pretrain")
+        pretrain = {"steps": pretrain_steps, "tokens": pre["tokens"], "val_loss": pre["val"]["baseline"],
+                    "seconds": pre["seconds"]["baseline"]}
+        echo(f"pretrained baseline: val loss {pre['val']['baseline'][0]:.4f} -> {pre['val']['baseline'][-1]:.4f}")
     wide = widened_twin(base, r, m, mtp=mtp)
     cfg = wide.vwn_config
     name_w = f"widened r={r} (m={cfg.m}, n={cfg.n})"
     echo(f"baseline GPT: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params; {name_w}: "
          f"{sum(p.numel() for p in wide.parameters()) / 1e6:.2f} M params; {settings.steps} steps x "
          f"{settings.tokens_per_step} tokens on {device}")
-    history = train_models({"baseline": base, name_w: wide}, settings, batches, progress=progress)
+    history = train_models({"baseline": base, name_w: wide}, settings, batches, progress=progress,
+                           first_batch=pretrain_steps)
     tokens, lb, lw = history["tokens"], history["val"]["baseline"], history["val"][name_w]
     eff = token_efficiency(tokens, lb, lw)
     results = {
@@ -502,13 +525,16 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
         "val_loss": {"baseline": lb, "widened": lw}, "val_mtp_loss": history["val_mtp"].get(name_w),
         "final_gap": lw[-1] - lb[-1], "token_efficiency": eff,
         "train_seconds": history["seconds"], "environment": _environment(),
+        "pretrain_steps": pretrain_steps, "pretrain": pretrain,
     }
     _write_json(out / "results.json", results)  # the numbers are safe before plotting and exporting
     written = [out / "results.json"]
     echo("")
     echo(format_demo_table(results))
+    after = f", widened after {pretrain_steps} pretraining steps" if pretrain_steps else ""
     plot_curves(history, out / "loss_curves.png",
-                f"byte-level GPT ({settings.n_layer}L, D={settings.n_embd}) vs VWN twin r={r} (m={cfg.m}, n={cfg.n})")
+                f"byte-level GPT ({settings.n_layer}L, D={settings.n_embd}) vs VWN twin r={r} (m={cfg.m}, n={cfg.n})"
+                + after)
     written.append(out / "loss_curves.png")
     if export:
         from vwn_transform.onnx import export_onnx
@@ -542,6 +568,9 @@ def format_demo_table(results: dict) -> str:
         lines.append(row)
     eff = results["token_efficiency"]
     lines.append("")
+    if results.get("pretrain_steps"):
+        lines.append(f"tokens counted from the widening, after {results['pretrain_steps']} steps of baseline "
+                     "pretraining (both start there at the same loss)")
     lines.append(f"final gap (widened - baseline): {results['final_gap']:+.4f} nats/byte")
     lines.append("token efficiency (tokens the baseline needed for its final loss / tokens the widened model "
                  f"needed for it): {'%.2fx' % eff if eff is not None else 'not reached (widened never got there)'}")

@@ -24,7 +24,8 @@ log = logging.getLogger("vwn_transform")
 EXAMPLES = {
     "demo": "examples:\n  vwn demo                      # ~6 min on 2 CPU cores (1 thread): GPT vs its r=4 (m=2) twin\n"
             "  vwn demo --quick              # under a minute\n"
-            "  vwn demo --ratio 3/2 --steps 300 --out runs/r1.5 --mtp",
+            "  vwn demo --ratio 3/2 --steps 300 --out runs/r1.5 --mtp\n"
+            "  vwn demo --pretrain-steps 550     # widen a trained baseline and keep training both",
     "study": "examples:\n  vwn study                     # r = 1, 1.5, 2, 4, 8\n"
              "  vwn study --ratios 1,2,4 --steps 200 --quick",
     "plan": "examples:\n  vwn plan --gpt --ratio 3/2\n  vwn plan --hf llama --tiny --ratio 8 --m 8\n"
@@ -61,6 +62,16 @@ def _ratios(text: str):
     if not parts:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of ratios like 1,1.5,2,4,8, got {text!r}")
     return [_ratio(p) for p in parts]
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -115,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ratio", type=_ratio, default=_ratio("4"), help="expansion ratio (default 4)")
             p.add_argument("--mtp", action="store_true", help="add next-2-token prediction to the widened twin")
             p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the widened twin")
+            p.add_argument("--pretrain-steps", type=_non_negative_int, default=0, metavar="K",
+                           help="continued pretraining: train the baseline alone for K steps, then widen it "
+                                "(function-preserving) and continue both for --steps steps (default 0)")
         else:
             p.add_argument("--ratios", type=_ratios, default=_ratios("1,1.5,2,4,8"),
                            help="comma-separated ratios; 1 is the baseline (default 1,1.5,2,4,8)")
@@ -403,7 +417,7 @@ def cmd_demo(args) -> int:
     from vwn_experiments import run_demo
 
     run_demo(_demo_settings(args), args.out, ratio=args.ratio, m=args.m, mtp=args.mtp, export=not args.no_onnx,
-             progress=not args.no_progress, threads=args.threads)
+             progress=not args.no_progress, threads=args.threads, pretrain_steps=args.pretrain_steps)
     return 0
 
 
