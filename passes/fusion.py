@@ -37,6 +37,8 @@ import torch.fx as fx
 
 import vwn_transform.ops  # noqa: F401  (registers torch.ops.vwn.*)
 
+from vwn_transform.kernels.reference import gate_slots
+
 from .pipeline import GraphPass, PassResult, run_passes
 
 __all__ = ["FuseWriteRead", "fuse_write_read", "gate_slot_counts", "is_op", "slot_counts"]
@@ -60,18 +62,25 @@ def _op_name(node: fx.Node) -> str | None:
     return next((name for name in _GATES if is_op(node, name)), None)
 
 
+def _example_value(node):
+    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+
+
 def _example_shape(node) -> tuple | None:
-    val = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
-    shape = getattr(val, "shape", None)
+    shape = getattr(_example_value(node), "shape", None)
     return tuple(shape) if shape is not None else None
 
 
 def gate_slot_counts(gates) -> tuple[int, int] | None:
-    """``(n, m)`` of a node holding stacked gates ``[n, 2m+n]`` (from its example value); None when unknown."""
-    shape = _example_shape(gates)
-    if shape is None or len(shape) != 2 or (shape[1] - shape[0]) % 2:
+    """``(n, m)`` of a node holding stacked gates ``[n, 2m+n]`` (from its example value, read as the ops read it:
+    ``kernels.reference.gate_slots``); None when unknown or not gates."""
+    val = _example_value(gates)
+    if not isinstance(val, torch.Tensor):
         return None
-    return shape[0], (shape[1] - shape[0]) // 2
+    try:
+        return gate_slots(val)
+    except ValueError:
+        return None
 
 
 def slot_counts(node) -> tuple[int, int] | None:

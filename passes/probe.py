@@ -256,7 +256,7 @@ def _other_stream_widths(model: nn.Module, trace: "_ForwardTrace", blocks: list[
             continue  # the stack itself, and containers inside its blocks (MoE experts, ...)
         children = {id(c) for c in container.children()}
         for i, (name, mod, args, kwargs) in enumerate(trace.calls):
-            if id(mod) not in children or not any(is_norm_module(sub) for sub in mod.modules()):
+            if id(mod) not in children or not _holds_norm(mod):
                 continue
             inp, out = _stream_arg(args, kwargs), _first_tensor(trace.outputs.get(i))
             if inp is not None and out is not None and inp.shape == out.shape and inp.dim() >= 2 and \
@@ -440,10 +440,15 @@ def diagnose_post_ln(block: nn.Module, args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def _holds_norm(module: nn.Module) -> bool:
+    """Whether a (block) module holds a normalization among its submodules: pre-norm residual blocks do."""
+    return any(is_norm_module(sub) for sub in module.modules())
+
+
 def _chain_rank(chain: list[tuple[int, str]], calls) -> tuple[bool, int]:
     """Chains of blocks that hold a normalization (pre-norm residual blocks do) rank above any chain without one
     (a ``Sequential`` of same-width linears, e.g. a timestep MLP); then the longer chain."""
-    return (bool(chain) and all(any(is_norm_module(sub) for sub in calls[i][1].modules()) for i, _ in chain),
+    return (bool(chain) and all(_holds_norm(calls[i][1]) for i, _ in chain),
             len(chain))
 
 

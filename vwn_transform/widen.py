@@ -105,8 +105,7 @@ class WidenPlan:
     params_added: int
     flops_original_per_token: int
     flops_added_per_token: int
-    entry: str = "embeddings"  # or "block": the stream is widened at the input of first_block
-    first_block: str = ""
+    entry: str = "embeddings"  # or "block": the stream is widened at the input of the first block
 
     @property
     def hidden_size(self) -> int:
@@ -127,7 +126,7 @@ class WidenPlan:
             f"group norm={'on' if c.use_group_norm() else 'off'}",
         ]
         if self.entry == "block":
-            lines.append(f"  stream widened D -> D' at the input of {self.first_block} (factorized expansion: it "
+            lines.append(f"  stream widened D -> D' at the input of {self.blocks[0].name} (factorized expansion: it "
                          "does not start at token tables)")
         else:
             lines.append("  embeddings widened:")
@@ -335,7 +334,6 @@ def _build_plan(model, cfg, structure, blocks) -> WidenPlan:
         final_kind=structure.final_kind,
         head=structure.head,
         entry=structure.entry,
-        first_block=structure.first_block,
         params_original=params_original,
         params_added=_count_added(model, cfg, structure, num_ghc),
         flops_original_per_token=flops_original,
