@@ -4,9 +4,11 @@ its own process under its own timeout (a hang or crash loses one stage), results
 Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
 
 * ``env`` (30): device, torch/triton versions, device copy GB/s, bf16 GEMM TFLOP/s.
-* ``parity`` (60): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
-  Triton), against the plain-PyTorch reference and an fp64 reference: (2,3), (8,16), (8,64), bf16 and fp32,
-  577 and 16384 tokens, D=2048. Pass: fp32 within 2e-5 of the reference (relative to the largest entry), bf16
+* ``parity`` (90): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
+  Triton), against the plain-PyTorch reference and an fp64 reference: (1,4), (2,3), (8,16), (8,64), bf16 and
+  fp32, 577 and 16384 tokens, D=2048. One process per (m, n) and dtype, all at once: the first native compile of
+  each kernel dominates this stage, and the compiles of different shapes then run on different CPU cores (the
+  later stages find them in Triton's cache). Pass: fp32 within 2e-5 of the reference (relative to the largest entry), bf16
   within twice the reference's own error against fp64. Failures are marked; timing goes on.
 * ``kernels`` (100): per op and (m, n) in (1,4), (2,3), (8,16), (8,64) at D=2048, 16384 tokens, bf16: eager
   reference and ours (``--inductor``: also the inductor-compiled reference), forward and forward+backward ms
@@ -15,7 +17,8 @@ Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
 * ``e2e`` (90): Llama D=2048, 4 layers, batch 4 x 2048, bf16, AdamW, eager: baseline, r=1.5 (2,3), r=4 (2,8),
   r=8 (8,64), each widened model with the reference ops and with ours: step ms (median of 5 after 2 warm-up),
   overhead vs the baseline measured in the same stage, peak GiB.
-* ``compiled`` (120): the same step under ``torch.compile`` for the baseline and r=1.5 (reference and ours).
+* ``compiled`` (150): the same step under ``torch.compile`` for the baseline (inductor) and r=1.5 (reference and
+  ours, each under inductor and under ``backend="vwn"``).
 
 Each stage writes ``DIR/<stage>.json`` and ``DIR/<stage>.log``, and its rows as they finish to
 ``DIR/<stage>.partial.json``, so a stage stopped at its timeout (a first native compile can take tens of
@@ -42,12 +45,14 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
+# benchmarks/ helpers only: vwn_transform is imported as installed (`pip install .` or the editable install of the
+# Makefile). The repository root is deliberately not put on sys.path: its vwn_transform/ folder lacks the kernels/
+# and passes/ subpackages, which the install maps in.
 sys.path.insert(0, HERE)
 
-STAGES = {"env": 30, "parity": 60, "kernels": 100, "e2e": 90, "compiled": 120}
-FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(2, 3), (8, 16),
-            (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
+STAGES = {"env": 30, "parity": 90, "kernels": 100, "e2e": 90, "compiled": 150}
+FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(1, 4), (2, 3),
+            (8, 16), (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
 SMOKE = dict(tokens=(1, 33), D=48, slots=[(1, 4), (2, 3)], parity_slots=[(2, 3), (1, 4)],
              e2e=dict(hidden=48, layers=2, batch=2, seq=16, heads=2, vocab=128))
 E2E_CASES = [("baseline", None, None), ("r=1.5 (2,3)", 1.5, None), ("r=4 (2,8)", 4, 2), ("r=8 (8,64)", 8, 8)]
@@ -125,8 +130,9 @@ def stage_parity(args) -> dict:
 
     sizes, device = _sizes(args), _device()
     rows = Rows()
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for m, n in args.slots or sizes["parity_slots"]:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in [dtypes[args.dtype]] if args.dtype else dtypes.values():
             for N in sizes["tokens"]:
                 d, h, z, p = make_case(N, m, n, sizes["D"], dtype, device)
                 g = torch.Generator(device="cpu").manual_seed(1)
@@ -235,7 +241,8 @@ def _llama(e2e, device):
                       num_key_value_heads=e2e["heads"], vocab_size=e2e["vocab"], max_position_embeddings=e2e["seq"],
                       attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device, torch.bfloat16)
+    with torch.device(device):  # initialized where it runs (a CPU init of ~340M parameters takes seconds)
+        return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
 def _steps(args, compiled: bool) -> dict:
@@ -247,49 +254,58 @@ def _steps(args, compiled: bool) -> dict:
     sizes, device = _sizes(args), _device()
     e2e = sizes["e2e"]
     ids = torch.randint(0, e2e["vocab"], (e2e["batch"], e2e["seq"]), device=device)
-    cases = E2E_CASES if not compiled else E2E_CASES[:2]
+    inductor = "inductor" if device == "cuda" else "aot_eager"
+    if compiled:  # (model, ratio, m, ops, backend): the widened step under inductor and under backend="vwn"
+        runs = [("baseline", None, None, "-", inductor)]
+        runs += [("r=1.5 (2,3)", 1.5, None, impl, backend) for impl in ("reference", "triton")
+                 for backend in (inductor, "vwn")]
+    else:
+        runs = [(name, ratio, m, impl, None) for name, ratio, m in E2E_CASES
+                for impl in (["-"] if ratio is None else ["reference", "triton"])]
     rows = Rows()
-    for name, ratio, m in cases:
-        for impl in (["-"] if ratio is None else ["reference", "triton"]):
-            base = _llama(e2e, device)
-            model = base if ratio is None else vwn_transform.widen(base, ratio, m=m)
-            del base
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-            run = model
-            if compiled:
-                run = torch.compile(model, backend="inductor" if device == "cuda" else "aot_eager")
+    for name, ratio, m, impl, backend in runs:
+        base = _llama(e2e, device)
+        model = base if ratio is None else vwn_transform.widen(base, ratio, m=m)
+        del base
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        run = model
+        if compiled:
+            options = {"inner": "aot_eager"} if backend == "vwn" and device != "cuda" else None
+            run = torch.compile(model, backend=backend, options=options)
 
-            def step():
-                run(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        def step():
+            run(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-            ops.set_impl(None if impl == "-" else impl)
-            ops.reset_implementations_used()
-            try:
-                for _ in range(2):
-                    step()
+        ops.set_impl(None if impl == "-" else impl)
+        ops.reset_implementations_used()
+        try:
+            for _ in range(2):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(5 if not args.smoke else 2):
+                t0 = time.perf_counter()
+                step()
                 if device == "cuda":
                     torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                times = []
-                for _ in range(5 if not args.smoke else 2):
-                    t0 = time.perf_counter()
-                    step()
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
-                rows.append(dict(model=name, impl=impl, compiled=compiled, step_ms=statistics.median(times),
-                                 peak_gib=peak, used=ops.implementations_used()))
-            except Exception as e:  # noqa: BLE001
-                rows.append(dict(model=name, impl=impl, compiled=compiled, error=repr(e)[:300]))
-            finally:
-                ops.set_impl(None)
-            del model, run, opt
-            if device == "cuda":
-                torch.cuda.empty_cache()
+                times.append((time.perf_counter() - t0) * 1e3)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+            rows.append(dict(model=name, impl=impl, compiled=backend or False, step_ms=statistics.median(times),
+                             peak_gib=peak, used=ops.implementations_used()))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(model=name, impl=impl, compiled=backend or False, error=repr(e)[:300]))
+        finally:
+            ops.set_impl(None)
+        del model, run, opt
+        if compiled:
+            torch._dynamo.reset()  # each model compiles afresh, no recompile limit reached across models
+        if device == "cuda":
+            torch.cuda.empty_cache()
     base_ms = next((r["step_ms"] for r in rows if r["model"] == "baseline" and "step_ms" in r), None)
     for r in rows:
         if base_ms and "step_ms" in r:
@@ -343,10 +359,16 @@ def summary(out: str, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stage_files(out: str, stage: str, part: str | None) -> tuple[str, str, str]:
+    """(result JSON, partial-rows JSON, log) of one stage process."""
+    name = stage if part is None else f"{stage}.{part}"
+    return (os.path.join(out, f"{name}.json"), os.path.join(out, f"{name}.partial.json"),
+            os.path.join(out, f"{name}.log"))
+
+
 def run_stage_child(args) -> int:
     fn = globals()[f"stage_{args.stage}"]
-    path = os.path.join(args.out, f"{args.stage}.json")
-    Rows.path = os.path.join(args.out, f"{args.stage}.partial.json")
+    path, Rows.path, _ = _stage_files(args.out, args.stage, args.part)
     try:
         result = fn(args)
     except Exception:  # noqa: BLE001 - the parent reports it
@@ -355,6 +377,51 @@ def run_stage_child(args) -> int:
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     return 0
+
+
+def _slots_text(slots) -> str:
+    return ";".join(f"{m},{n}" for m, n in slots)
+
+
+def _run_parts(out: str, stage: str, parts: dict, timeout: float) -> dict:
+    """Run a stage's processes side by side under one deadline; merge their results. A process stopped at the
+    deadline or crashed contributes the rows it finished (its partial JSON) and an error naming it."""
+    procs = {}
+    for part, cmd in parts.items():
+        log = open(_stage_files(out, stage, part)[2], "w")
+        procs[part] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+    deadline = time.time() + timeout
+    merged, errors = {"rows": []}, []
+    for part, (proc, log) in procs.items():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+            stopped = False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            stopped = True
+        log.close()
+        path, partial, _ = _stage_files(out, stage, part)
+        if not stopped and os.path.exists(path):
+            res = json.load(open(path))
+        else:
+            res = {"error": f"timed out after {timeout:.0f} s" if stopped else "crashed: no result"}
+        if "error" in res and "rows" not in res and os.path.exists(partial):
+            res["rows"] = json.load(open(partial))  # what the process finished before it was stopped
+            res["error"] += f" ({len(res['rows'])} rows finished, kept)"
+        if "error" in res:
+            errors.append(res["error"] if part is None else f"{part}: {res['error']}")
+        for key, value in res.items():
+            if key == "rows":
+                merged["rows"] += value
+            elif key not in ("error", "failed"):
+                merged[key] = value
+    if not merged["rows"] and len(parts) == 1 and "error" not in merged:
+        merged.pop("rows")
+    merged["failed"] = sum(not r.get("ok", True) for r in merged.get("rows", []))
+    if errors:
+        merged["error"] = "; ".join(errors)
+    return merged
 
 
 def main(argv=None) -> int:
@@ -369,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
                     help=f"override a stage's timeout (defaults: {STAGES})")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # child process: one of a stage's parts
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help=argparse.SUPPRESS)  # parity part
     args = ap.parse_args(argv)
     if args.slots:
         args.slots = [tuple(int(x) for x in part.split(",")) for part in args.slots.split(";")]
@@ -397,25 +466,16 @@ def main(argv=None) -> int:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--stage", stage]
         cmd += ["--smoke"] * args.smoke + ["--inductor"] * args.inductor
-        if args.slots:
-            cmd += ["--slots", ";".join(f"{m},{n}" for m, n in args.slots)]
+        parts = {None: cmd + (["--slots", _slots_text(args.slots)] if args.slots else [])}
+        if stage == "parity":  # one process per (m, n) and dtype: their first compiles run side by side
+            slots = args.slots or _sizes(args)["parity_slots"]
+            parts = {f"{m}x{n}.{dt}": cmd + ["--slots", f"{m},{n}", "--dtype", dt, "--part", f"{m}x{n}.{dt}"]
+                     for m, n in slots for dt in ("bf16", "fp32")}
         t0 = time.time()
-        print(f"[gpu_check] stage {stage} (timeout {timeout} s) ...", flush=True)
-        with open(os.path.join(args.out, f"{stage}.log"), "w") as log:
-            try:
-                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout * (4 if args.smoke else 1))
-            except subprocess.TimeoutExpired:
-                results[stage] = dict(error=f"timed out after {timeout} s")
-        path = os.path.join(args.out, f"{stage}.json")
-        if stage not in results and not os.path.exists(path):
-            results[stage] = dict(error="crashed: no result")
-        elif stage not in results:
-            results[stage] = json.load(open(path))
-        partial = os.path.join(args.out, f"{stage}.partial.json")
-        if "error" in results[stage] and "rows" not in results[stage] and os.path.exists(partial):
-            rows = json.load(open(partial))  # what the stage finished before it was stopped
-            results[stage].update(rows=rows, failed=sum(not r.get("ok", True) for r in rows))
-            results[stage]["error"] += f" ({len(rows)} rows finished, kept)"
+        print(f"[gpu_check] stage {stage} (timeout {timeout} s, {len(parts)} process(es)) ...", flush=True)
+        results[stage] = _run_parts(args.out, stage, parts, timeout * (4 if args.smoke else 1))
+        with open(_stage_files(args.out, stage, None)[0], "w") as f:  # the merged result of the stage's parts
+            json.dump(results[stage], f, indent=1, default=str)
         print(f"[gpu_check] stage {stage}: {results[stage].get('error', 'done')} in {time.time() - t0:.0f} s",
               flush=True)
     text = summary(args.out, results)
