@@ -12,8 +12,7 @@ Rows: :data:`MEASURED` (``shared/spec/gpu-kernels.md`` section 0). A row applies
 * the slot width ``d = D/m`` is within a factor 2 of the measured one and the call has at least a quarter of
   the measured tokens (decode-sized calls, where launch latency dominates, were not measured);
 * the Triton kernel that would run is the one that was measured (:func:`kernel_id`): a rewritten kernel
-  starts unmeasured (so the FMA and tensor-core kernels, not yet measured on a GPU, are never picked by
-  ``auto``).
+  starts unmeasured.
 """
 
 from __future__ import annotations
@@ -22,26 +21,36 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MEASURED", "MEASURED_ON", "OPS", "Measurement", "auto_choice", "base_op", "kernel_id"]
+__all__ = ["FMA_GATES", "FMA_MIXING", "MEASURED", "MEASURED_ON", "OPS", "TENSOR_CORE", "Measurement", "auto_choice", "base_op", "kernel_id"]
 
 MEASURED_ON = "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 2026-11-28"
 
 OPS = ("read_dynamic", "read_static", "write", "write_read_dynamic")
 
 
+# Kernel versions: a measurement only counts for the version it measured, so a rewritten kernel bumps its id.
+FMA_MIXING = "fma-v1"  # the FMA write + carry (kernels/triton_write_fma.py) and static read (triton_read_fma.py)
+# the FMA dynamic read (triton_read_fma.py); v2: the backward's state kernel sums dL/dwg over a program's tokens
+# once at its end instead of once per token block (v1, measured on the H200: 0.63 ms of a 0.77 ms backward at
+# (2, 3) went to those cross-warp sums)
+FMA_GATES = "fma-v2"
+TENSOR_CORE = "tc-v1"  # kernels/triton_tc.py
+
+
 def kernel_id(op: str, m: int, n: int) -> str:
     """Which Triton kernel ``VWN_IMPL=triton`` runs for ``op`` at (m, n); a measurement only counts for the kernel
-    it measured. "fma-v1": unrolled FMAs on per-slot tiles (``kernels/triton_write_fma.py``,
-    ``kernels/triton_read_fma.py``) for ``m <= n <= FMA_MAX_N`` (the dynamic read only where its gate values fit
-    in registers); "tc-v1": the tensor-core kernels (``kernels/triton_tc.py``) everywhere else. The write+read of
-    adjacent sublayers is the write then the dynamic read: "fma-v1+tc-v1" where the two come from different
-    families. (The rows of :data:`MEASURED` measured "padded-dot-v1", the first kernels, since removed.)"""
+    it measured. :data:`FMA_MIXING` / :data:`FMA_GATES`: unrolled FMAs on per-slot tiles
+    (``kernels/triton_write_fma.py``, ``kernels/triton_read_fma.py``) for ``m <= n <= FMA_MAX_N`` (the dynamic read
+    only where its gate values fit in registers); :data:`TENSOR_CORE`: the tensor-core kernels
+    (``kernels/triton_tc.py``) everywhere else. The write+read of adjacent sublayers is the write then the dynamic
+    read: ``"<write>+<read>"`` where the two ids differ. (Rows measured before tc-v1/fma-v1 measured the padded
+    ``tl.dot`` kernels, "padded-dot-v1", since removed.)"""
     from .triton_common import fma_dynamic_read_supports, fma_supports
 
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    mixing = "fma-v1" if fma_supports(n, m) else "tc-v1"
-    gates = "fma-v1" if fma_dynamic_read_supports(n, m) else "tc-v1"
+    mixing = FMA_MIXING if fma_supports(n, m) else TENSOR_CORE
+    gates = FMA_GATES if fma_dynamic_read_supports(n, m) else TENSOR_CORE
     if op in ("write", "read_static"):
         return mixing
     if op == "read_dynamic":
@@ -70,22 +79,28 @@ class Measurement:
         return self.triton_ms[1] < self.reference_ms[1]
 
 
-def _row(op, m, n, reference_ms, triton_ms):
-    return Measurement(op, m, n, torch.bfloat16, 2048, 16384, "padded-dot-v1", reference_ms, triton_ms)
+def _row(op, m, n, kernel, reference_ms, triton_ms):
+    return Measurement(op, m, n, torch.bfloat16, 2048, 16384, kernel, reference_ms, triton_ms)
 
 
-# shared/spec/gpu-kernels.md section 0 (H200, 16384 tokens, D=2048, bf16), all of the padded tl.dot kernels that
-# the FMA and tensor-core kernels replaced: so none applies now, and auto runs the reference everywhere until
-# benchmarks/gpu_check.py measures the kernels that ship. Only read_static at (8, 64) was faster forward+backward
-# (2.51 vs 5.06 ms). read_static at (2, 3) was faster forward only (0.60 vs 1.07 ms) and
-# slower forward+backward (3.88 vs 3.31 ms), so it stays on the reference.
+# benchmarks/gpu_check.py on the NVIDIA H200 above (copy 4246 GB/s), 16384 tokens, D=2048, bf16 state, eager
+# reference vs Triton, (forward, forward+backward) ms, do_bench medians; benchmarks/RESULTS.md has the run. The
+# (8, 64) tensor-core kernels faulted there (illegal memory access), so they have no row and auto keeps the
+# reference. The FMA dynamic read's rows measured fma-v1; fma-v2 ships (FMA_GATES), so they do not apply until a
+# GPU run measures it.
 MEASURED: tuple[Measurement, ...] = (
-    _row("read_dynamic", 2, 3, (1.42, 2.87), (1.60, 5.89)),
-    _row("read_static", 2, 3, (1.07, 3.31), (0.60, 3.88)),
-    _row("write", 2, 3, (1.84, 4.03), (1.45, 51.0)),
-    _row("read_dynamic", 8, 64, (5.24, 14.07), (65.3, 83.9)),
-    _row("read_static", 8, 64, (1.40, 5.06), (0.57, 2.51)),
-    _row("write", 8, 64, (3.00, 8.29), (72.6, 276.7)),
+    _row("read_static", 1, 4, "fma-v1", (0.705, 2.781), (0.088, 0.256)),
+    _row("write", 1, 4, "fma-v1", (3.862, 6.736), (0.175, 0.445)),
+    _row("read_dynamic", 1, 4, "fma-v1", (1.559, 4.480), (0.250, 1.508)),
+    _row("write_read_dynamic", 1, 4, "fma-v1", (5.418, 12.508), (0.423, 1.982)),
+    _row("read_static", 2, 3, "fma-v1", (1.071, 3.308), (0.048, 0.139)),
+    _row("write", 2, 3, "fma-v1", (1.836, 4.028), (0.073, 0.205)),
+    _row("read_dynamic", 2, 3, "fma-v1", (1.410, 2.843), (0.133, 0.898)),
+    _row("write_read_dynamic", 2, 3, "fma-v1", (3.244, 7.368), (0.204, 1.109)),
+    _row("read_static", 8, 16, "tc-v1", (0.524, 1.866), (0.060, 0.261)),
+    _row("write", 8, 16, "tc-v1", (0.992, 2.699), (0.111, 0.568)),
+    _row("read_dynamic", 8, 16, "tc-v1", (1.101, 2.985), (0.651, 1.253)),
+    _row("write_read_dynamic", 8, 16, "tc-v1", (2.091, 6.344), (0.762, 2.026)),
 )
 
 

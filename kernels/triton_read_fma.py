@@ -31,10 +31,11 @@ import triton.language as tl
 
 from .triton_common import (contiguous3, dynamic_read_parameter_grads, fma_dynamic_read_supports, fma_supports,
                            gate_maps, interpreter_bt, interpreting, launch_kwargs, state_view)
+from .measured import FMA_GATES, FMA_MIXING
 from .reference import gate_slots
 from .triton_helpers import coefficient, tanh, to_output
 
-KERNEL_ID = "fma-v1"
+KERNEL_ID = FMA_MIXING  # the static read; the dynamic read's kernels are FMA_GATES (measured.py keeps the versions)
 
 
 supports = fma_supports  # the static read (mixing only) at (m, n)
@@ -231,10 +232,11 @@ def _read_dynamic_fma_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, 
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
     dmask = dd < d
     wk = ()
-    g_wg = ()
+    g_wg = ()  # dL/dwg_k as [BT, BD] tiles: summed over the tokens once, after the loop (a sum across the token
+    # axis is across warps, through shared memory and a barrier: K of them per block was most of this kernel's time)
     for k in tl.static_range(K):
         wk = wk + (tl.load(wgt_ptr + k * d + dd, mask=dmask, other=0.0)[None, :],)
-        g_wg = g_wg + (tl.zeros([BD], dtype=tl.float32),)
+        g_wg = g_wg + (tl.zeros([BT, BD], dtype=tl.float32),)
     for block in range(group, tl.cdiv(N, BT), groups):  # this group's token blocks, in order
         t = block * BT + tl.arange(0, BT)
         tmask = t < N
@@ -261,14 +263,14 @@ def _read_dynamic_fma_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, 
                 acc += gus[j * K + k] * wk[k]
             tl.store(gh_ptr + h_rows + j * d, to_output(acc, gh_ptr), mask=mask)
         new = ()
-        for k in tl.static_range(K):  # dL/dwg_k += sum over tokens and slots of g_u[j, k] H_j
-            s = tl.zeros([BT, BD], dtype=tl.float32)
+        for k in tl.static_range(K):  # dL/dwg_k += sum over slots of g_u[j, k] H_j, per token row
+            acc = g_wg[k]
             for j in tl.static_range(NS):
-                s += gus[j * K + k] * hs[j]
-            new = new + (g_wg[k] + tl.sum(s, axis=0),)
+                acc += gus[j * K + k] * hs[j]
+            new = new + (acc,)
         g_wg = new
     for k in tl.static_range(K):
-        tl.store(gwg_ptr + group * (K * d) + k * d + dd, g_wg[k], mask=dmask)
+        tl.store(gwg_ptr + group * (K * d) + k * d + dd, tl.sum(g_wg[k], axis=0), mask=dmask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +404,8 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str, dynamic: bool | None =
 
     def spec(name, fn, args, which, **constexprs):
         c = cfg[which]
-        return dict(kernel=f"{name}[{KERNEL_ID}]", fn=fn, args=args,
+        version = KERNEL_ID if name.startswith("read_static") else FMA_GATES
+        return dict(kernel=f"{name}[{version}]", fn=fn, args=args,
                     constexprs=dict(NS=n, MS=m, BT=c["BT"], BD=c["BD"], **constexprs),
                     num_warps=c["num_warps"], num_stages=c["num_stages"])
 

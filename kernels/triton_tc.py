@@ -40,10 +40,11 @@ import triton.language as tl
 
 from .triton_common import (contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting, launch_kwargs, pow2,
                            state_view, write_coefficients)
+from .measured import TENSOR_CORE
 from .reference import gate_slots
 from .triton_helpers import tanh, to_output
 
-KERNEL_ID = "tc-v1"
+KERNEL_ID = TENSOR_CORE  # measured.py keeps the kernel versions
 INTERPRETED = tl.constexpr(interpreting())
 
 

@@ -26,8 +26,9 @@ import triton.language as tl
 
 from .triton_common import contiguous3, fma_supports, interpreter_bt, launch_kwargs, state_view, write_coefficients
 from .triton_helpers import coefficient, to_output
+from .measured import FMA_MIXING
 
-KERNEL_ID = "fma-v1"
+KERNEL_ID = FMA_MIXING  # measured.py keeps the kernel versions
 
 
 @triton.jit

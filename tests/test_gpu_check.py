@@ -35,7 +35,7 @@ def test_smoke_parity_stage_checks_every_op(tmp_path):
     assert {r["op"] for r in rows} == OPS
     assert {(r["dtype"], r["N"]) for r in rows} == {("bfloat16", 1), ("bfloat16", 33), ("float32", 1),
                                                     ("float32", 33)}
-    assert all(r["ok"] and r["rel_err"] <= r["limit"] and r["kernel"] == "fma-v1" for r in rows), rows
+    assert all(r["ok"] and r["rel_err"] <= r["limit"] and r["kernel"].startswith("fma-v") for r in rows), rows
     summary = (tmp_path / "summary.md").read_text()
     assert f"parity: {len(rows)}/{len(rows)}" in summary and "CPU (smoke run)" in summary
     assert (tmp_path / "env.log").exists() and not (tmp_path / "kernels.json").exists()

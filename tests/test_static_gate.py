@@ -34,7 +34,7 @@ def run_gate(tmp_path, *args):
 
 @needs_ptxas
 def test_gate_fails_on_the_spilling_kernel(tmp_path):
-    proc, rows = run_gate(tmp_path, "--kernels", "all", "--only", "read_dynamic_fwd[fma-v1]", "--slots", "8,8",
+    proc, rows = run_gate(tmp_path, "--kernels", "all", "--only", "read_dynamic_fwd[fma-v2]", "--slots", "8,8",
                           "--D", "2048", "--dtype", "bf16")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert len(rows) == 1, rows
@@ -54,7 +54,7 @@ def test_gate_passes_on_the_dispatched_kernels(tmp_path):
     kernels = {r["kernel"] for r in rows}
     assert {"write_fwd[fma-v1,dynamic]", "write_bwd[fma-v1,dynamic]", "write_fwd[fma-v1,static]",
             "write_bwd[fma-v1,static]", "read_static_fwd[fma-v1]", "read_static_bwd[fma-v1]",
-            "read_dynamic_fwd[fma-v1]", "read_dynamic_bwd_coef[fma-v1]", "read_dynamic_bwd_state[fma-v1]"} <= kernels, \
+            "read_dynamic_fwd[fma-v2]", "read_dynamic_bwd_coef[fma-v2]", "read_dynamic_bwd_state[fma-v2]"} <= kernels, \
         kernels
     tc = {"write_fwd[dynamic][tc-v1]", "write_bwd[dynamic][tc-v1]", "write_fwd[static][tc-v1]",
           "write_bwd[static][tc-v1]", "read_static_fwd[tc-v1]", "read_static_bwd[tc-v1]", "read_dynamic_fwd[tc-v1]",

@@ -1,0 +1,259 @@
+"""Time the launch parameters of the tensor-core GHC kernels (``kernels/triton_tc.py``) on a GPU: for each padded
+slot count (NP 16 via (m, n) = (8, 16), NP 64 via (8, 64)), operand kind (bf16 state, fp32 state) and kernel key
+of ``triton_tc.LAUNCH``, every candidate (BD, num_warps) is first checked for correctness at 577 tokens against
+the fp64 reference (within twice the eager reference's own error, as ``gpu_check.py``'s parity), then timed at
+16384 tokens (``triton.testing.do_bench`` median of the op that launches the kernel: a backward key times the
+whole backward with the other keys at their table values). Prints, per key, the table's choice and the fastest
+correct candidate; ``--out FILE`` writes every row as JSON.
+
+Two phases, so a candidate that faults the GPU loses nothing else and the timings are not shared with compiles:
+
+* ``check``: one process per (NP, operands, key), all at once (the first native compile of each candidate
+  dominates; different CPU cores take different compiles). A process that dies (an illegal memory access kills
+  the CUDA context) is restarted after the candidate it was running, which is marked ``crashed``.
+* ``time``: one process per (NP, operands), one after the other, timing the candidates that passed (compiles
+  now come from Triton's cache).
+
+    python benchmarks/tc_launch_time.py --out /tmp/tc_launch.json          # on the GPU, ~2-3 minutes
+    python benchmarks/tc_launch_time.py --np 64 --operands bf16 --key dynamic_fwd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+CANDIDATES = [(256, 4), (256, 8), (128, 4), (128, 8), (64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8)]
+SHAPES = {16: (8, 16), 64: (8, 64)}  # NP -> (m, n)
+D = 2048
+CHECK_TOKENS, TIME_TOKENS = 577, 16384
+if os.environ.get("VWN_LAUNCH_SMOKE") == "1":  # --smoke: the script itself on the CPU, through the interpreter
+    D, CHECK_TOKENS, TIME_TOKENS = 64, 5, 9
+KEY_OP = {"write_fwd": "write", "write_bwd": "write_backward", "read_fwd": "read_static",
+          "read_bwd": "read_static_backward", "dynamic_fwd": "read_dynamic",
+          "dynamic_bwd_coef": "read_dynamic_backward", "dynamic_bwd_dh": "read_dynamic_backward",
+          "dynamic_bwd_dwg": "read_dynamic_backward"}
+
+
+def _case(N, m, n, dtype):
+    """Inputs of every op at N tokens, and a callable per op name that runs it on a kernel library."""
+    import torch
+    from ghc_kernels import make_case, read_params
+
+    from vwn_transform.kernels import reference as ref
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d, h, z, p = make_case(N, m, n, D, dtype, device)
+    P = read_params(p)
+    _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    gx = torch.randn(N, m, d, generator=g).to(device, dtype)
+    gout = torch.randn(N, n, d, generator=g).to(device, dtype)
+    gcc, gwc = torch.randn(N, n, n, generator=g).to(device), torch.randn(N, n, m, generator=g).to(device)
+    return {
+        "write": lambda L, c=lambda t: t: L.write(c(h), c(z), cc, wc),
+        "write_backward": lambda L, c=lambda t: t: L.write_backward(c(h), c(z), cc, wc, c(gout)),
+        "read_static": lambda L, c=lambda t: t: L.read_static(c(h), p["read"]),
+        "read_static_backward": lambda L, c=lambda t: t: L.read_static_backward(c(h), p["read"], c(gx)),
+        "read_dynamic": lambda L, c=lambda t: t: L.read_dynamic(c(h), *P, 1e-6),
+        "read_dynamic_backward": lambda L, c=lambda t: t: L.read_dynamic_backward(c(h), *P, 1e-6, stats, c(gx), gcc,
+                                                                                gwc),
+    }
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
+
+
+def _with_launch(np_, bf16, key, bd, warps):
+    from vwn_transform.kernels import triton_tc
+
+    table = triton_tc.LAUNCH[(np_, bf16)]
+    old = table[key]
+    table[key] = (bd, warps)
+    return lambda: table.__setitem__(key, old)
+
+
+def child_check(np_, operands, key, candidates) -> None:
+    """One JSON line per candidate; ``{"trying": ...}`` first, so the parent knows which one a crash hit."""
+    import torch
+
+    from vwn_transform.kernels import reference as ref
+    from vwn_transform.kernels import triton_tc as tc
+
+    m, n = SHAPES[np_]
+    dtype = torch.bfloat16 if operands == "bf16" else torch.float32
+    ops = _case(CHECK_TOKENS, m, n, dtype)
+    op = KEY_OP[key]
+    want = ops[op](ref)
+    exact = ops[op](ref, lambda t: t.double())
+    for bd, warps in candidates:
+        print(json.dumps(dict(trying=[bd, warps])), flush=True)
+        restore = _with_launch(np_, operands == "bf16", key, bd, warps)
+        row = dict(np=np_, operands=operands, key=key, bd=bd, warps=warps)
+        try:
+            got = ops[op](tc)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ratios = []  # per output: error against fp64 over the allowed error
+            for a, w, e in zip(got, want, exact):
+                err, limit = _rel(a, e), 2 * _rel(w, e) + (2e-5 if dtype == torch.float32 else 1e-6)
+                ratios.append(err / limit if bool(torch.isfinite(a).all()) else float("inf"))
+            row.update(status="ok" if max(ratios) <= 1 else "wrong", err_over_limit=ratios)
+        except Exception as e:  # noqa: BLE001 - a launch that does not compile (resources) is a row
+            row.update(status="error", error=repr(e)[:200])
+            if "illegal" in repr(e) or "CUDA error" in repr(e):
+                print(json.dumps(row), flush=True)
+                sys.exit(3)  # the context is gone
+        finally:
+            restore()
+        print(json.dumps(row), flush=True)
+
+
+def child_time(np_, operands, plan) -> None:
+    import torch
+    from ghc_kernels import timer
+
+    from vwn_transform.kernels import triton_tc as tc
+
+    bench = timer("cuda" if torch.cuda.is_available() else "cpu")
+    m, n = SHAPES[np_]
+    dtype = torch.bfloat16 if operands == "bf16" else torch.float32
+    ops = _case(TIME_TOKENS, m, n, dtype)
+    for key, candidates in plan.items():
+        op = KEY_OP[key]
+        for bd, warps in candidates:
+            restore = _with_launch(np_, operands == "bf16", key, bd, warps)
+            try:
+                ms = bench(lambda: ops[op](tc))
+                row = dict(np=np_, operands=operands, key=key, bd=bd, warps=warps, ms=ms)
+            except Exception as e:  # noqa: BLE001
+                row = dict(np=np_, operands=operands, key=key, bd=bd, warps=warps, error=repr(e)[:200])
+            finally:
+                restore()
+            print(json.dumps(row), flush=True)
+
+
+def _lines(text):
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                pass
+
+
+def check_all(jobs, timeout) -> list[dict]:
+    """Run the check children side by side; restart a dead one after the candidate that killed it."""
+    # NP x BD above 8192 values per tile exceeds the registers at any warp count
+    rows, pending = [], {job: [c for c in CANDIDATES if job[0] * c[0] <= 8192] for job in jobs}
+    deadline = time.time() + timeout
+    while pending and time.time() < deadline:
+        procs = {}
+        for job, cands in pending.items():
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "check", "--np", str(job[0]), "--operands",
+                   job[1], "--key", job[2], "--candidates", json.dumps(cands)]
+            procs[job] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        nxt = {}
+        for job, proc in procs.items():
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            done, trying = set(), None
+            for row in _lines(out):
+                if "trying" in row:
+                    trying = tuple(row["trying"])
+                else:
+                    rows.append(row)
+                    done.add((row["bd"], row["warps"]))
+            if proc.returncode != 0 and trying is not None and trying not in done:
+                rows.append(dict(np=job[0], operands=job[1], key=job[2], bd=trying[0], warps=trying[1],
+                                 status="crashed", error=out.strip().splitlines()[-1][:200] if out.strip() else ""))
+                done.add(trying)
+            left = [c for c in pending[job] if c not in done]
+            if proc.returncode != 0 and left:
+                nxt[job] = left
+        pending = nxt
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--np", type=int, action="append", choices=sorted(SHAPES), default=None)
+    ap.add_argument("--operands", action="append", choices=("bf16", "fp32"), default=None)
+    ap.add_argument("--key", action="append", default=None, help="kernel keys of triton_tc.LAUNCH (default: all)")
+    ap.add_argument("--out", default=None, help="JSON file for every row")
+    ap.add_argument("--timeout", type=float, default=150, help="seconds for the check phase")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU through the Triton interpreter")
+    ap.add_argument("--child", choices=("check", "time"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--candidates", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child == "check":
+        child_check(args.np[0], args.operands[0], args.key[0], [tuple(c) for c in json.loads(args.candidates)])
+        return 0
+    if args.child == "time":
+        child_time(args.np[0], args.operands[0], {k: [tuple(c) for c in v] for k, v in
+                                                   json.loads(args.candidates).items()})
+        return 0
+
+    import torch
+
+    if args.smoke:
+        os.environ.update(VWN_LAUNCH_SMOKE="1", TRITON_INTERPRET="1")  # read by the child processes
+    elif not torch.cuda.is_available():
+        print("no CUDA device: this script times kernels on a GPU (tc_launch_search.py compiles them without one)",
+              file=sys.stderr)
+        return 2
+    from vwn_transform.kernels import triton_tc
+
+    keys = args.key or list(triton_tc.LAUNCH_KEYS)
+    bad = [k for k in keys if k not in KEY_OP]
+    if bad:
+        ap.error(f"--key {bad}: expected some of {list(KEY_OP)}")
+    groups = [(np_, ops) for np_ in args.np or sorted(SHAPES) for ops in args.operands or ("bf16", "fp32")]
+    t0 = time.time()
+    rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys], args.timeout)
+    print(f"[tc_launch_time] check phase: {len(rows)} candidates in {time.time() - t0:.0f} s", flush=True)
+    timed = []
+    for np_, ops in groups:
+        plan = {k: [(r["bd"], r["warps"]) for r in rows if (r["np"], r["operands"], r["key"]) == (np_, ops, k)
+                    and r.get("status") == "ok"] for k in keys}
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "time", "--np", str(np_), "--operands", ops,
+               "--candidates", json.dumps(plan)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        timed += list(_lines(proc.stdout))
+        if proc.returncode:
+            print(proc.stderr[-2000:], file=sys.stderr)
+    print(f"[tc_launch_time] time phase done at {time.time() - t0:.0f} s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(check=rows, time=timed), f, indent=1)
+    print("\n| NP | operands | kernel | table (BD, warps): ms | fastest correct: ms | not correct |")
+    print("|---|---|---|---|---|---|")
+    for np_, ops in groups:
+        for k in keys:
+            table = triton_tc.LAUNCH[(np_, ops == "bf16")][k]
+            mine = [r for r in timed if (r["np"], r["operands"], r["key"]) == (np_, ops, k) and "ms" in r]
+            cur = next((r["ms"] for r in mine if (r["bd"], r["warps"]) == tuple(table)), None)
+            best = min(mine, key=lambda r: r["ms"], default=None)
+            failed = [f"{r['bd']}x{r['warps']} {r['status']}" for r in rows
+                      if (r["np"], r["operands"], r["key"]) == (np_, ops, k) and r.get("status") != "ok"]
+            cur_text = "-" if cur is None else f"{cur:.3f}"
+            best_text = "-" if best is None else "({}, {}): {:.3f}".format(best["bd"], best["warps"], best["ms"])
+            print(f"| {np_} | {ops} | {k} | {table}: {cur_text} | {best_text} | {', '.join(failed) or '-'} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
