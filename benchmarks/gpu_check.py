@@ -265,8 +265,8 @@ def _steps(args, compiled: bool) -> dict:
         runs += [("r=1.5 (2,3)", 1.5, None, impl, backend) for impl in ("reference", "triton")
                  for backend in (inductor, "vwn")]
     else:
-        runs = [(name, ratio, m, impl, None) for name, ratio, m in E2E_CASES
-                for impl in (["-"] if ratio is None else ["reference", "triton"])]
+        runs = [(name, ratio, m, impl, None) for name, ratio, m in E2E_CASES if _wanted(args, ratio)
+                for impl in (["-"] if ratio is None else args.impls.split(","))]
     rows = Rows()
     for name, ratio, m, impl, backend in runs:
         base = _llama(e2e, device)
@@ -318,6 +318,13 @@ def _steps(args, compiled: bool) -> dict:
     return dict(rows=rows, shape=e2e)
 
 
+def _wanted(args, ratio) -> bool:
+    """``--ratios``: the e2e models to run (1 = the baseline, always run when it is listed or no list is given)."""
+    if not args.ratios:
+        return True
+    return float(ratio or 1) in {float(r) for r in args.ratios.split(",")}
+
+
 def stage_e2e(args) -> dict:
     return _steps(args, compiled=False)
 
@@ -337,13 +344,13 @@ def summary(out: str, results: dict) -> str:
         lines.append(f"copy {env['copy_gbs']:.0f} GB/s, bf16 GEMM {env['gemm_tflops']:.0f} TFLOP/s")
     for stage, res in results.items():
         if "error" in res:
-            lines.append(f"- stage {stage}: **{res['error']}** (log: {out}/{stage}.log)")
+            lines.append(f"- stage {stage}: **{res['error'][:300]}** (logs: {out}/{stage}*.log)")
     par = results.get("parity", {}).get("rows", [])
     if par:
         bad = [r for r in par if not r["ok"]]
         lines.append(f"- parity: {len(par) - len(bad)}/{len(par)} op x shape x dtype x tokens rows pass"
                      + "".join(f"; FAIL {r['op']} ({r['m']},{r['n']}) {r['dtype']} N={r['N']} "
-                               f"{r.get('errs', r.get('error'))}" for r in bad[:6]))
+                               f"{r.get('errs') or r.get('rel_err') or str(r.get('error'))[:120]}" for r in bad[:6]))
     kern = [r for r in results.get("kernels", {}).get("rows", []) if "fwd_ms" in r]
     if kern:
         lines += ["", "| op | (m,n) | impl | kernel | fwd ms | fwd+bwd ms | fwd % floor | fwd+bwd % floor |",
@@ -356,11 +363,15 @@ def summary(out: str, results: dict) -> str:
                   "|---|---|---|---:|---:|---:|---|"]
         for r in steps:
             if "step_ms" not in r:
-                lines.append(f"| {r['model']} | {r['impl']} | {r['compiled']} | {r['error']} | | | |")
+                lines.append(f"| {r['model']} | {r['impl']} | {r['compiled']} | {r['error'][:160]} | | | |")
                 continue
             ran = ", ".join(f"{v} x{list(r['used'].values()).count(v)}" for v in sorted(set(r["used"].values())))
+            # against the baseline of the same stage (eager or compiled), also when the stage stopped early
+            base = next((b["step_ms"] for b in steps if b["model"] == "baseline" and "step_ms" in b
+                         and (b["compiled"] is False) == (r["compiled"] is False)), None)
+            overhead = f"{100 * (r['step_ms'] / base - 1):+.1f}%" if base else "-"
             lines.append(f"| {r['model']} | {r['impl']} | {r['compiled']} | {r['step_ms']:.1f} | "
-                         f"{r.get('overhead_pct', 0):+.1f}% | {r['peak_gib']:.2f} | {ran or '-'} |")
+                         f"{overhead} | {r['peak_gib']:.2f} | {ran or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -437,6 +448,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", choices=list(STAGES), default=None, help="run only these stages")
     ap.add_argument("--slots", default=None, help='(m, n) pairs for parity/kernels, e.g. "2,3;8,64"')
     ap.add_argument("--inductor", action="store_true", help="kernels: also the inductor-compiled reference")
+    ap.add_argument("--ratios", default=None, help='e2e: the models to run, e.g. "1,1.5,4" (1: the baseline)')
+    ap.add_argument("--impls", default="reference,triton",
+                    help='e2e: the GHC implementations of the widened models (VWN_IMPL values, e.g. "reference,auto")')
     ap.add_argument("--no-results-md", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
                     help=f"override a stage's timeout (defaults: {STAGES})")
@@ -446,6 +460,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.slots:
         args.slots = [tuple(int(x) for x in part.split(",")) for part in args.slots.split(";")]
+    bad = [i for i in args.impls.split(",") if i not in ("reference", "triton", "auto")]
+    if bad:
+        ap.error(f"--impls {args.impls!r}: {bad} not among reference, triton, auto")
+    known = {1.0} | {float(r) for _, r, _ in E2E_CASES if r}
+    if args.ratios and not {float(r) for r in args.ratios.split(",")} <= known:
+        ap.error(f"--ratios {args.ratios!r}: expected some of {sorted(known)}")
     os.makedirs(args.out, exist_ok=True)
     if args.stage:
         return run_stage_child(args)
@@ -470,7 +490,8 @@ def main(argv=None) -> int:
         if args.only and stage not in args.only:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--stage", stage]
-        cmd += ["--smoke"] * args.smoke + ["--inductor"] * args.inductor
+        cmd += ["--smoke"] * args.smoke + ["--inductor"] * args.inductor + ["--impls", args.impls]
+        cmd += ["--ratios", args.ratios] if args.ratios else []
         parts = {None: cmd + (["--slots", _slots_text(args.slots)] if args.slots else [])}
         if stage == "parity":  # one process per (m, n) and dtype: their first compiles run side by side
             slots = args.slots or _sizes(args)["parity_slots"]

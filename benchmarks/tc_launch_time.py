@@ -151,7 +151,14 @@ def _lines(text):
                 pass
 
 
-def check_all(jobs, timeout) -> list[dict]:
+def _save(path, check, timed) -> None:
+    """Every row so far (called after each process: a run stopped at its limit keeps what it finished)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(check=check, time=timed), f, indent=1)
+
+
+def check_all(jobs, timeout, path=None) -> list[dict]:
     """Run the check children side by side; restart a dead one after the candidate that killed it."""
     # NP x BD above 8192 values per tile exceeds the registers at any warp count
     rows, pending = [], {job: [c for c in CANDIDATES if job[0] * c[0] <= 8192] for job in jobs}
@@ -180,6 +187,11 @@ def check_all(jobs, timeout) -> list[dict]:
                 rows.append(dict(np=job[0], operands=job[1], key=job[2], bd=trying[0], warps=trying[1],
                                  status="crashed", error=out.strip().splitlines()[-1][:200] if out.strip() else ""))
                 done.add(trying)
+            _save(path, rows, [])
+            bad = [f"{r['bd']}x{r['warps']} {r['status']}" for r in rows if (r["np"], r["operands"], r["key"]) == job
+                   and r.get("status") != "ok"]
+            print(f"[tc_launch_time] checked NP={job[0]} {job[1]} {job[2]}: {len(done)} candidates, not correct: "
+                  f"{', '.join(bad) or '-'}", flush=True)
             left = [c for c in pending[job] if c not in done]
             if proc.returncode != 0 and left:
                 nxt[job] = left
@@ -222,7 +234,7 @@ def main(argv=None) -> int:
         ap.error(f"--key {bad}: expected some of {list(KEY_OP)}")
     groups = [(np_, ops) for np_ in args.np or sorted(SHAPES) for ops in args.operands or ("bf16", "fp32")]
     t0 = time.time()
-    rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys], args.timeout)
+    rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys], args.timeout, args.out)
     print(f"[tc_launch_time] check phase: {len(rows)} candidates in {time.time() - t0:.0f} s", flush=True)
     timed = []
     for np_, ops in groups:
@@ -232,12 +244,10 @@ def main(argv=None) -> int:
                "--candidates", json.dumps(plan)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         timed += list(_lines(proc.stdout))
+        _save(args.out, rows, timed)
         if proc.returncode:
             print(proc.stderr[-2000:], file=sys.stderr)
     print(f"[tc_launch_time] time phase done at {time.time() - t0:.0f} s", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(check=rows, time=timed), f, indent=1)
     print("\n| NP | operands | kernel | table (BD, warps): ms | fastest correct: ms | not correct |")
     print("|---|---|---|---|---|---|")
     for np_, ops in groups:
