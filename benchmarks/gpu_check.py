@@ -262,7 +262,7 @@ def _steps(args, compiled: bool) -> dict:
     inductor = "inductor" if device == "cuda" else "aot_eager"
     if compiled:  # (model, ratio, m, ops, backend): the widened step under inductor and under backend="vwn"
         runs = [("baseline", None, None, "-", inductor)]
-        runs += [("r=1.5 (2,3)", 1.5, None, impl, backend) for impl in ("reference", "triton")
+        runs += [("r=1.5 (2,3)", 1.5, None, impl, backend) for impl in args.impls.split(",")
                  for backend in (inductor, "vwn")]
     else:
         runs = [(name, ratio, m, impl, None) for name, ratio, m in E2E_CASES if _wanted(args, ratio)
@@ -450,7 +450,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor", action="store_true", help="kernels: also the inductor-compiled reference")
     ap.add_argument("--ratios", default=None, help='e2e: the models to run, e.g. "1,1.5,4" (1: the baseline)')
     ap.add_argument("--impls", default="reference,triton",
-                    help='e2e: the GHC implementations of the widened models (VWN_IMPL values, e.g. "reference,auto")')
+                    help='e2e/compiled: the GHC implementations of the widened models (VWN_IMPL values, '
+                         'e.g. "reference,auto")')
     ap.add_argument("--no-results-md", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
                     help=f"override a stage's timeout (defaults: {STAGES})")
