@@ -580,8 +580,9 @@ class BlockRunner:
     Holds no reference to the block (it receives it as ``self``), so deepcopy of a model copies it cheaply.
 
     Under torch.compile the signature lookup, and the build on a miss, run as plain Python while Dynamo traces
-    (:func:`_graph_name`), so a signature first met under compile (train mode, gradient checkpointing, an
-    attention mask that is a tensor under compile and None in eager, ...) costs no graph break.
+    (``WidenedBlockMixin._vwn_graph_name`` in ``vwn_transform.modules``), so a signature first met under compile
+    (train mode, gradient checkpointing, an attention mask that is a tensor under compile and None in eager, ...)
+    costs no graph break.
     """
 
     def __init__(self, name: str, sublayers: list[tuple[str, ...]], expand_input: bool = False,
@@ -633,7 +634,8 @@ class BlockRunner:
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
         key, values = CallSpec.key_and_values(block, args, kwargs)
-        return getattr(self, _graph_name(self, block, key))(block, *values)
+        # block._vwn_graph_name(key) is runner.graph_name(block, key), run as plain Python under torch.compile
+        return getattr(self, block._vwn_graph_name(key))(block, *values)
 
     def __getstate__(self):
         # generated functions are rebuilt on first use after unpickling
@@ -648,17 +650,3 @@ class BlockRunner:
         clone._compiled = dict(self._compiled)
         clone.sources = dict(self.sources)
         return clone
-
-
-@torch.compiler.assume_constant_result
-def _graph_name(runner: BlockRunner, block: nn.Module, key: tuple) -> str:
-    """``runner.graph_name(block, key)``, which Dynamo runs as plain Python when it meets it while tracing and
-    whose result (a string) it treats as a constant; the traced code then reads the runner attribute of that
-    name and inlines the generated forward.
-
-    The lookup, and on a miss the torch.fx trace and lowering of a new signature, depend only on Python objects
-    Dynamo holds as constants (the runner and the block, guarded by identity, and the key: constants and types);
-    none of it runs on tensors. Traced by Dynamo instead, a miss would be a graph break (Dynamo cannot trace
-    torch.fx's tracer), so every signature first met under torch.compile would break the graph.
-    """
-    return runner.graph_name(block, key)

@@ -341,6 +341,24 @@ class WidenedBlockMixin(VWNMixin):
     def forward(self, *args, **kwargs):
         return self.vwn_runner(self, args, kwargs)
 
+    @torch.compiler.assume_constant_result
+    def _vwn_graph_name(self, key: tuple) -> str:
+        """``self.vwn_runner.graph_name(self, key)``, which Dynamo runs as plain Python when it meets it while
+        tracing and whose result (a string) it treats as a constant; the traced code then reads the runner
+        attribute of that name (guarded) and inlines the generated forward.
+
+        The lookup, and on a miss the torch.fx trace and lowering of a new signature, depend only on the block
+        and the key (constants and types); none of it runs on tensors. Traced by Dynamo instead, a miss would be
+        a graph break (Dynamo cannot trace torch.fx's tracer), so every signature first met under torch.compile
+        would break the graph.
+
+        A method of the block, not a function taking the runner and the block: Dynamo passes the object a
+        constant method is bound to as it is, but before torch 2.13 it converts every argument with
+        ``as_python_constant()``, which a user-defined object (the runner) or a module (the block) does not
+        have (``AsPythonConstantNotImplementedError: UserDefinedObjectVariable(BlockRunner) is not a constant``).
+        """
+        return self.vwn_runner.graph_name(self, key)
+
 
 _class_cache: dict[tuple[type, type], type] = {}
 
