@@ -35,7 +35,7 @@ def search(np_: int, operands: str, D: int = 2048) -> dict[str, tuple[int, int]]
     for key in triton_tc.LAUNCH_KEYS:
         variants = [s for s in specs if s["launch"] == key]  # e.g. the write's static and dynamic kernels
         for bd, warps in CANDIDATES:
-            if np_ * bd > 8192:
+            if np_ * bd > 8192 or (key == "dynamic_fwd" and warps != triton_tc.DYNAMIC_FWD_WARPS):
                 continue
             ok = True
             for spec in variants:

@@ -250,6 +250,7 @@ def _read_dynamic_tc_fwd(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, carry_ptr, 
                          inv_sqrt_d, NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
                          TPP: tl.constexpr, BD: tl.constexpr):
     K: tl.constexpr = 2 * MS + NS
+    RELOAD_MAPS: tl.constexpr = NP >= 64  # NP <= 32 compiles to the kernel measured as tc-v1
     pid = tl.program_id(0)
     j = tl.arange(0, NP)
     i = tl.arange(0, MP)
@@ -260,12 +261,13 @@ def _read_dynamic_tc_fwd(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, carry_ptr, 
     offs_r = j[:, None] * K + i[None, :]
     offs_c = j[:, None] * K + MS + j[None, :]
     offs_w = j[:, None] * K + MS + NS + i[None, :]
-    base_r = tl.load(base_ptr + offs_r, mask=mask_r, other=0.0)
-    base_c = tl.load(base_ptr + offs_c, mask=mask_c, other=0.0)
-    base_w = tl.load(base_ptr + offs_w, mask=mask_r, other=0.0)
-    scale_r = tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0)
-    scale_c = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    scale_w = tl.load(scale_ptr + offs_w, mask=mask_r, other=0.0)
+    if not RELOAD_MAPS:  # held in registers for all of the program's tokens
+        base_r = tl.load(base_ptr + offs_r, mask=mask_r, other=0.0)
+        base_c = tl.load(base_ptr + offs_c, mask=mask_c, other=0.0)
+        base_w = tl.load(base_ptr + offs_w, mask=mask_r, other=0.0)
+        scale_r = tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0)
+        scale_c = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+        scale_w = tl.load(scale_ptr + offs_w, mask=mask_r, other=0.0)
     for t in range(pid * TPP, tl.minimum(pid * TPP + TPP, N)):
         t64 = tl.cast(t, tl.int64)
         h_rows = t64 * (NS * d) + j[:, None] * d
@@ -295,6 +297,16 @@ def _read_dynamic_tc_fwd(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, carry_ptr, 
         tl.store(stats_ptr + stats_rows + i[None, :], logit_r, mask=mask_r)
         tl.store(stats_ptr + stats_rows + MS + j[None, :], logit_c, mask=mask_c)
         tl.store(stats_ptr + stats_rows + MS + NS + i[None, :], logit_w, mask=mask_r)
+        if RELOAD_MAPS:
+            # the static maps and scales per token (L1/L2) rather than in registers through pass 1: at NP = 64 the
+            # [n, n] pair alone is 64 fp32 registers per thread at 4 warps, and 4 warps is what this kernel must
+            # run with there (DYNAMIC_FWD_WARPS); held, it spilled 160-320 B per thread
+            base_r = tl.load(base_ptr + offs_r, mask=mask_r, other=0.0)
+            scale_r = tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0)
+            base_c = tl.load(base_ptr + offs_c, mask=mask_c, other=0.0)
+            scale_c = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+            base_w = tl.load(base_ptr + offs_w, mask=mask_r, other=0.0)
+            scale_w = tl.load(scale_ptr + offs_w, mask=mask_r, other=0.0)
         read_c = base_r + scale_r * tanh(logit_r)  # [NP, MP], zero in the padding
         tl.store(carry_ptr + t64 * (NS * NS) + j[:, None] * NS + j[None, :], base_c + scale_c * tanh(logit_c),
                  mask=mask_c)
@@ -450,6 +462,11 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 # (padded slot count NP, every state operand bf16) -> {kernel: (BD, num_warps)}: per kernel the widest chunk that
 # compiled for sm_90a without spills and within 100 KB of shared memory per program, found by
 # benchmarks/tc_launch_search.py (triton 3.7.1; m <= 16 always pads to MP = 16). Not yet timed on a GPU.
+# dynamic_fwd runs 4 warps only (DYNAMIC_FWD_WARPS): on the H200 (triton 3.6.0) its 8-warp launches at NP = 64 gave
+# wrong carry coefficients and statistics or an illegal memory access, every 4-warp one was correct
+# (benchmarks/tc_launch_time.py, benchmarks/RESULTS.md); at NP = 64 bf16 (64, 4) rather than the widest clean
+# (128, 4), which sits at 255 registers.
+DYNAMIC_FWD_WARPS = 4
 LAUNCH = {
     (16, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
@@ -464,10 +481,10 @@ LAUNCH = {
                   "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
                   "dynamic_bwd_dwg": (128, 4)},
     (64, True): {"write_fwd": (128, 4), "write_bwd": (128, 4), "read_fwd": (128, 4), "read_bwd": (128, 4),
-                 "dynamic_fwd": (64, 8), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
+                 "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
                  "dynamic_bwd_dwg": (64, 4)},
     (64, False): {"write_fwd": (64, 4), "write_bwd": (32, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
-                  "dynamic_fwd": (16, 8), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
+                  "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
                   "dynamic_bwd_dwg": (64, 8)},
 }
 LAUNCH_KEYS = tuple(LAUNCH[(64, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
