@@ -137,7 +137,17 @@ BAD_ARGUMENTS = [
     (("demo", "--device", "cuda:0", "--quick"), 1, ["CUDA is not available"]),
     (("nonsense",), 2, ["invalid choice"]),
     (("demo", "--pretrain-steps", "-1"), 2, ["--pretrain-steps", ">= 0"]),
+    (("demo", "--lr", "0"), 2, ["--lr", "learning rate > 0", "'0'"]),
+    (("study", "--lr", "nan"), 2, ["--lr", "'nan'"]),
 ]
+
+
+def test_learning_rate_reaches_the_demo_settings():
+    from vwn_transform.cli import _demo_settings, build_parser
+
+    default = _demo_settings(build_parser().parse_args(["demo"]))
+    chosen = _demo_settings(build_parser().parse_args(["demo", "--lr", "5e-3", "--quick"]))
+    assert chosen.lr == 5e-3 and default.lr == __import__("vwn_experiments").DemoSettings().lr
 
 
 def run_in_process(args, capsys):

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -82,6 +83,17 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 _positive_int = _int_at_least(1, "a positive integer")
 
 
+def _learning_rate(text: str) -> float:
+    """An argparse type: a finite learning rate > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a learning rate > 0 such as 4e-3, got {text!r}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser, ratio_required: bool) -> None:
     src = p.add_argument_group("model (give exactly one)")
     src.add_argument("checkpoint", nargs="?",
@@ -132,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="comma-separated ratios; 1 is the baseline (default 1,1.5,2,4,8)")
         p.add_argument("--m", type=_positive_int, default=2, help="slots per original width (default 2)")
         p.add_argument("--steps", type=_positive_int, help="training steps per model (default 550, --quick 80)")
+        p.add_argument("--lr", type=_learning_rate,
+                       help="peak learning rate of every model (default: the demo recipe's, see DemoSettings.lr)")
         p.add_argument("--quick", action="store_true", help="a small model and budget (under a minute)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
         p.add_argument("--out", default=f"vwn_{name}_out", help=f"output folder (default vwn_{name}_out)")
@@ -404,6 +418,8 @@ def _demo_settings(args):
     from vwn_experiments import DemoSettings
 
     overrides = {"seed": args.seed, "device": args.device}
+    if args.lr is not None:
+        overrides["lr"] = args.lr
     if args.steps is not None:
         overrides["steps"] = args.steps
         overrides["eval_every"] = max(1, min(50 if not args.quick else 20, args.steps // 4 or 1))
