@@ -148,6 +148,10 @@ def test_learning_rate_reaches_the_demo_settings():
     default = _demo_settings(build_parser().parse_args(["demo"]))
     chosen = _demo_settings(build_parser().parse_args(["demo", "--lr", "5e-3", "--quick"]))
     assert chosen.lr == 5e-3 and default.lr == __import__("vwn_experiments").DemoSettings().lr
+    demo_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["demo"]._actions
+                     if "--lr" in a.option_strings).help
+    stated = __import__("re").search(r"default ([0-9.e-]+)", demo_help)
+    assert stated and float(stated.group(1)) == default.lr, demo_help  # the help states the recipe's default
 
 
 def run_in_process(args, capsys):

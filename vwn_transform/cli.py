@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--m", type=_positive_int, default=2, help="slots per original width (default 2)")
         p.add_argument("--steps", type=_positive_int, help="training steps per model (default 550, --quick 80)")
         p.add_argument("--lr", type=_learning_rate,
-                       help="peak learning rate of every model (default: the demo recipe's, see DemoSettings.lr)")
+                       help="peak learning rate of every model (default 6e-3: the baseline's learning-rate sweep, "
+                            "README 'Results')")
         p.add_argument("--quick", action="store_true", help="a small model and budget (under a minute)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
         p.add_argument("--out", default=f"vwn_{name}_out", help=f"output folder (default vwn_{name}_out)")
