@@ -78,6 +78,42 @@ def read_params(p):
             stack_gates(p["scale_read"], p["scale_carry"], p["scale_write"]))
 
 
+OPS = ("read_dynamic", "read_static", "write", "write_read_dynamic")  # each also with its "_backward"
+
+
+def op_calls(N, m, n, D, dtype, device):
+    """Every GHC op forward and backward on one random case: ``(d, {name: fn(lib, cast=identity)})``, names as the
+    kernel libraries spell them (``read_dynamic``, ``read_dynamic_backward``, ...). ``cast`` is applied to the
+    state-sized inputs (e.g. ``torch.Tensor.double`` for an fp64 reference); the coefficients, statistics and
+    parameters are fp32 from the reference."""
+    from vwn_transform.kernels import reference as ref
+
+    d, h, z, p = make_case(N, m, n, D, dtype, device)
+    P = read_params(p)
+    _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
+    h_new = ref.write(h, z, cc, wc)
+    stats_new = ref.read_dynamic(h_new, *P, 1e-6)[3]
+    g = torch.Generator(device="cpu").manual_seed(3)
+    gx = torch.randn(N, m, d, generator=g).to(device, dtype)
+    gout = torch.randn(N, n, d, generator=g).to(device, dtype)
+    gcc, gwc = torch.randn(N, n, n, generator=g).to(device), torch.randn(N, n, m, generator=g).to(device)
+
+    def same(t):
+        return t
+
+    return d, {
+        "read_dynamic": lambda L, c=same: L.read_dynamic(c(h), *P, 1e-6),
+        "read_dynamic_backward": lambda L, c=same: L.read_dynamic_backward(c(h), *P, 1e-6, stats, c(gx), gcc, gwc),
+        "read_static": lambda L, c=same: L.read_static(c(h), p["read"]),
+        "read_static_backward": lambda L, c=same: L.read_static_backward(c(h), p["read"], c(gx)),
+        "write": lambda L, c=same: L.write(c(h), c(z), cc, wc),
+        "write_backward": lambda L, c=same: L.write_backward(c(h), c(z), cc, wc, c(gout)),
+        "write_read_dynamic": lambda L, c=same: L.write_read_dynamic(c(h), c(z), cc, wc, *P, 1e-6),
+        "write_read_dynamic_backward": lambda L, c=same: L.write_read_dynamic_backward(
+            c(h), c(z), cc, wc, *P, 1e-6, c(h_new), stats_new, c(gout), c(gx), gcc, gwc),
+    }
+
+
 def byte_floors(op: str, N: int, m: int, n: int, d: int, elem: int) -> tuple[int, int]:
     """(forward, backward) bytes ``op`` must move at least (``shared/spec/gpu-kernels.md`` section 3): every input
     read once, every output written once; state elements of ``elem`` bytes, fp32 coefficients."""
@@ -103,22 +139,12 @@ def kernel_rows(args, device, bench, bandwidth):
     rows = []
     for D in args.widths:
         for m, n in args.slots:
-            d, h, z, p = make_case(args.tokens, m, n, D, dtype, device)
             N = args.tokens
-            P = read_params(p)
-            _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
-            gx, gout = torch.randn_like(z), torch.randn_like(h)
-            cases = {
-                # name: (fn(lib) fwd, fn(lib) bwd)
-                "read_dynamic": (lambda lib: lib.read_dynamic(h, *P, 1e-6),
-                                 lambda lib: lib.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc)),
-                "read_static": (lambda lib: lib.read_static(h, p["read"]),
-                                lambda lib: lib.read_static_backward(h, p["read"], gx)),
-                "write": (lambda lib: lib.write(h, z, cc, wc),
-                          lambda lib: lib.write_backward(h, z, cc, wc, gout)),
-            }
+            d, calls = op_calls(N, m, n, D, dtype, device)
+            cases = {name: (calls[name], calls[name + "_backward"])
+                     for name in ("read_dynamic", "read_static", "write")}
             for name, (fwd, bwd) in cases.items():
-                bytes_f, bytes_b = byte_floors(name, N, m, n, d, h.element_size())
+                bytes_f, bytes_b = byte_floors(name, N, m, n, d, dtype.itemsize)
                 libs = {"eager": ref, "inductor": None, "triton": tri}
                 for impl, lib in libs.items():
                     if impl == "inductor":

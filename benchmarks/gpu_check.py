@@ -175,7 +175,7 @@ def _rel(a, b) -> float:
 
 def stage_kernels(args) -> dict:
     import torch
-    from ghc_kernels import byte_floors, copy_bandwidth, make_case, read_params, timer
+    from ghc_kernels import OPS, byte_floors, copy_bandwidth, op_calls, timer
 
     from vwn_transform.kernels import reference as ref
     from vwn_transform.kernels import triton_ops as tri
@@ -187,30 +187,15 @@ def stage_kernels(args) -> dict:
     N, dtype = sizes["tokens"][-1], torch.bfloat16
     libs = {"eager": ref, "triton": tri}
     if args.inductor:
-        names = ("read_dynamic", "read_dynamic_backward", "read_static", "read_static_backward", "write",
-                 "write_backward", "write_read_dynamic", "write_read_dynamic_backward")
+        names = OPS + tuple(op + "_backward" for op in OPS)
         libs["inductor"] = type("Inductor", (), {k: staticmethod(torch.compile(getattr(ref, k), dynamic=False))
                                                  for k in names})
     rows = Rows()
     for m, n in args.slots or sizes["slots"]:
-        d, h, z, p = make_case(N, m, n, sizes["D"], dtype, device)
-        P = read_params(p)
-        _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
-        h_new = ref.write(h, z, cc, wc)
-        stats_new = ref.read_dynamic(h_new, *P, 1e-6)[3]
-        gx, gout = torch.randn_like(z), torch.randn_like(h)
-        ops = {  # name: (forward, backward)
-            "read_dynamic": (lambda L: L.read_dynamic(h, *P, 1e-6),
-                             lambda L: L.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc)),
-            "read_static": (lambda L: L.read_static(h, p["read"]),
-                            lambda L: L.read_static_backward(h, p["read"], gx)),
-            "write": (lambda L: L.write(h, z, cc, wc), lambda L: L.write_backward(h, z, cc, wc, gout)),
-            "write_read_dynamic": (lambda L: L.write_read_dynamic(h, z, cc, wc, *P, 1e-6),
-                                   lambda L: L.write_read_dynamic_backward(h, z, cc, wc, *P, 1e-6, h_new, stats_new,
-                                                                           gout, gx, cc, wc)),
-        }
+        d, calls = op_calls(N, m, n, sizes["D"], dtype, device)
+        ops = {op: (calls[op], calls[op + "_backward"]) for op in OPS}  # name: (forward, backward)
         for op, (fwd, bwd) in ops.items():
-            bytes_f, bytes_b = byte_floors(op, N, m, n, d, h.element_size())  # gpu-kernels.md section 3
+            bytes_f, bytes_b = byte_floors(op, N, m, n, d, dtype.itemsize)  # gpu-kernels.md section 3
             for impl, lib in libs.items():
                 try:
                     ms_f = bench(lambda: fwd(lib))
@@ -311,11 +296,7 @@ def _steps(args, compiled: bool) -> dict:
             torch._dynamo.reset()  # each model compiles afresh, no recompile limit reached across models
         if device == "cuda":
             torch.cuda.empty_cache()
-    base_ms = next((r["step_ms"] for r in rows if r["model"] == "baseline" and "step_ms" in r), None)
-    for r in rows:
-        if base_ms and "step_ms" in r:
-            r["overhead_pct"] = 100 * (r["step_ms"] / base_ms - 1)
-    return dict(rows=rows, shape=e2e)
+    return dict(rows=rows, shape=e2e)  # overheads against the baseline: summary()
 
 
 def _wanted(args, ratio) -> bool:
@@ -407,7 +388,7 @@ def _run_parts(out: str, stage: str, parts: dict, timeout: float) -> dict:
         log = open(_stage_files(out, stage, part)[2], "w")
         procs[part] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
     deadline = time.time() + timeout
-    merged, errors = {"rows": []}, []
+    merged, errors = {}, []
     for part, (proc, log) in procs.items():
         try:
             proc.wait(timeout=max(0.0, deadline - time.time()))
@@ -429,12 +410,11 @@ def _run_parts(out: str, stage: str, parts: dict, timeout: float) -> dict:
             errors.append(res["error"] if part is None else f"{part}: {res['error']}")
         for key, value in res.items():
             if key == "rows":
-                merged["rows"] += value
+                merged.setdefault("rows", []).extend(value)
             elif key not in ("error", "failed"):
                 merged[key] = value
-    if not merged["rows"] and len(parts) == 1 and "error" not in merged:
-        merged.pop("rows")
-    merged["failed"] = sum(not r.get("ok", True) for r in merged.get("rows", []))
+    if "rows" in merged:
+        merged["failed"] = sum(not r.get("ok", True) for r in merged["rows"])
     if errors:
         merged["error"] = "; ".join(errors)
     return merged

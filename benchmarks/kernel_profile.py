@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from ghc_kernels import make_case, read_params
+    from ghc_kernels import op_calls
 
     from vwn_transform.kernels import reference as ref
     from vwn_transform.kernels import triton_ops as tri
@@ -61,23 +61,7 @@ def main(argv=None) -> int:
     libs = {"triton": tri, "eager": ref}
     for part in args.slots.split(";"):
         m, n = (int(x) for x in part.split(","))
-        d, h, z, p = make_case(args.tokens, m, n, args.D, torch.bfloat16, device)
-        P = read_params(p)
-        _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
-        h_new = ref.write(h, z, cc, wc)
-        stats_new = ref.read_dynamic(h_new, *P, 1e-6)[3]
-        gx, gout = torch.randn_like(z), torch.randn_like(h)
-        ops = {
-            "read_dynamic": lambda L: L.read_dynamic(h, *P, 1e-6),
-            "read_dynamic_backward": lambda L: L.read_dynamic_backward(h, *P, 1e-6, stats, gx, cc, wc),
-            "read_static": lambda L: L.read_static(h, p["read"]),
-            "read_static_backward": lambda L: L.read_static_backward(h, p["read"], gx),
-            "write": lambda L: L.write(h, z, cc, wc),
-            "write_backward": lambda L: L.write_backward(h, z, cc, wc, gout),
-            "write_read_dynamic": lambda L: L.write_read_dynamic(h, z, cc, wc, *P, 1e-6),
-            "write_read_dynamic_backward": lambda L: L.write_read_dynamic_backward(
-                h, z, cc, wc, *P, 1e-6, h_new, stats_new, gout, gx, cc, wc),
-        }
+        _, ops = op_calls(args.tokens, m, n, args.D, torch.bfloat16, device)
         for op, fn in ops.items():
             if args.op and op not in args.op:
                 continue

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -34,38 +36,13 @@ CANDIDATES = [(256, 4), (256, 8), (128, 4), (128, 8), (64, 4), (64, 8), (32, 4),
 SHAPES = {16: (8, 16), 64: (8, 64)}  # NP -> (m, n)
 D = 2048
 CHECK_TOKENS, TIME_TOKENS = 577, 16384
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if os.environ.get("VWN_LAUNCH_SMOKE") == "1":  # --smoke: the script itself on the CPU, through the interpreter
     D, CHECK_TOKENS, TIME_TOKENS = 64, 5, 9
 KEY_OP = {"write_fwd": "write", "write_bwd": "write_backward", "read_fwd": "read_static",
           "read_bwd": "read_static_backward", "dynamic_fwd": "read_dynamic",
           "dynamic_bwd_coef": "read_dynamic_backward", "dynamic_bwd_dh": "read_dynamic_backward",
           "dynamic_bwd_dwg": "read_dynamic_backward"}
-
-
-def _case(N, m, n, dtype):
-    """Inputs of every op at N tokens, and a callable per op name that runs it on a kernel library."""
-    import torch
-    from ghc_kernels import make_case, read_params
-
-    from vwn_transform.kernels import reference as ref
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    d, h, z, p = make_case(N, m, n, D, dtype, device)
-    P = read_params(p)
-    _, cc, wc, stats = ref.read_dynamic(h, *P, 1e-6)
-    g = torch.Generator(device="cpu").manual_seed(3)
-    gx = torch.randn(N, m, d, generator=g).to(device, dtype)
-    gout = torch.randn(N, n, d, generator=g).to(device, dtype)
-    gcc, gwc = torch.randn(N, n, n, generator=g).to(device), torch.randn(N, n, m, generator=g).to(device)
-    return {
-        "write": lambda L, c=lambda t: t: L.write(c(h), c(z), cc, wc),
-        "write_backward": lambda L, c=lambda t: t: L.write_backward(c(h), c(z), cc, wc, c(gout)),
-        "read_static": lambda L, c=lambda t: t: L.read_static(c(h), p["read"]),
-        "read_static_backward": lambda L, c=lambda t: t: L.read_static_backward(c(h), p["read"], c(gx)),
-        "read_dynamic": lambda L, c=lambda t: t: L.read_dynamic(c(h), *P, 1e-6),
-        "read_dynamic_backward": lambda L, c=lambda t: t: L.read_dynamic_backward(c(h), *P, 1e-6, stats, c(gx), gcc,
-                                                                                gwc),
-    }
 
 
 def _rel(a, b) -> float:
@@ -85,13 +62,14 @@ def _with_launch(np_, bf16, key, bd, warps):
 def child_check(np_, operands, key, candidates) -> None:
     """One JSON line per candidate; ``{"trying": ...}`` first, so the parent knows which one a crash hit."""
     import torch
+    from ghc_kernels import op_calls
 
     from vwn_transform.kernels import reference as ref
     from vwn_transform.kernels import triton_tc as tc
 
     m, n = SHAPES[np_]
     dtype = torch.bfloat16 if operands == "bf16" else torch.float32
-    ops = _case(CHECK_TOKENS, m, n, dtype)
+    _, ops = op_calls(CHECK_TOKENS, m, n, D, dtype, DEVICE)
     op = KEY_OP[key]
     want = ops[op](ref)
     exact = ops[op](ref, lambda t: t.double())
@@ -120,14 +98,14 @@ def child_check(np_, operands, key, candidates) -> None:
 
 def child_time(np_, operands, plan) -> None:
     import torch
-    from ghc_kernels import timer
+    from ghc_kernels import op_calls, timer
 
     from vwn_transform.kernels import triton_tc as tc
 
-    bench = timer("cuda" if torch.cuda.is_available() else "cpu")
+    bench = timer(DEVICE)
     m, n = SHAPES[np_]
     dtype = torch.bfloat16 if operands == "bf16" else torch.float32
-    ops = _case(TIME_TOKENS, m, n, dtype)
+    _, ops = op_calls(TIME_TOKENS, m, n, D, dtype, DEVICE)
     for key, candidates in plan.items():
         op = KEY_OP[key]
         for bd, warps in candidates:
