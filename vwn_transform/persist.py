@@ -142,9 +142,10 @@ def _zero_floats(model: nn.Module) -> None:
 
 
 def _replay(base: nn.Module, recipe: dict, where: str) -> nn.Module:
+    """Rebuild the transformed model from its base: a recipe's ``before`` (the transform applied before widen())
+    first, then the recipe itself (widen() with ``vwn_config``, or the width transform it names)."""
     from .widen import widen
 
-    cfg = VWNConfig.from_dict(recipe["vwn_config"])
     saved_class = recipe.get("model_class")
     if saved_class and type(base).__name__ != saved_class:
         raise CheckpointError(f"{where} was saved from a {saved_class}, but the model to load into is a "
@@ -152,7 +153,9 @@ def _replay(base: nn.Module, recipe: dict, where: str) -> nn.Module:
     existing = getattr(base, "vwn_config", None)
     if existing is not None:
         raise CheckpointError(f"the model to load into is already widened ({_describe(existing)}); the factory "
-                              f"must build the base model. {where} holds {_describe(cfg)}")
+                              f"must build the base model. {where} holds {_recipe_text(recipe)}")
+    if isinstance(recipe.get("before"), dict):
+        base = _replay(base, recipe["before"], where)
     inputs = None
     if recipe.get("example_inputs"):  # the form of the inputs widen() was probed with (non-token models)
         from .passes.probe import ExampleInputs
@@ -160,15 +163,46 @@ def _replay(base: nn.Module, recipe: dict, where: str) -> nn.Module:
         ref = next((p for p in base.parameters()), None)
         inputs = ExampleInputs.from_spec(recipe["example_inputs"], ref.device if ref is not None else "cpu")
     try:
-        wide = widen(base, config=cfg, inplace=True, example_inputs=inputs)
+        if recipe.get("transform"):
+            wide = _replay_transform(base, recipe, inputs, where)
+        else:
+            wide = widen(base, config=VWNConfig.from_dict(recipe["vwn_config"]), inplace=True, example_inputs=inputs)
     except ValueError as exc:  # includes UnsupportedModelError
-        raise CheckpointError(f"{where} holds {_describe(cfg)}; replaying that recipe on the {type(base).__name__} "
-                              f"to load into failed: {exc}") from exc
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{where} holds {_recipe_text(recipe)}; replaying that recipe on the "
+                              f"{type(base).__name__} to load into failed: {exc}") from exc
     saved, rebuilt = recipe.get("wrapped"), wide.vwn_recipe["wrapped"]
     if saved and saved != rebuilt:
         diff = {k: (saved.get(k), rebuilt.get(k)) for k in saved if saved.get(k) != rebuilt.get(k)}
         raise CheckpointError(f"{where} does not match the model's architecture: saved vs rebuilt {diff}")
     return wide
+
+
+def _replay_transform(base: nn.Module, recipe: dict, inputs, where: str) -> nn.Module:
+    from .ffn import TRANSFORMS
+
+    name = recipe["transform"]
+    if name == "widenet":
+        from .widenet import replay_widenet
+
+        return replay_widenet(base, recipe, inputs)
+    if name == "adaptive_width":
+        from .adaptive_width import replay_adaptive_width
+
+        return replay_adaptive_width(base, recipe, inputs)
+    raise CheckpointError(f"{where} names the transform {name!r}; this vwn_transform knows {list(TRANSFORMS)} and "
+                          "widen()")
+
+
+def _recipe_text(recipe: dict) -> str:
+    """What a recipe does, for messages: ``n=4, m=2, ...`` for widen(), ``widenet {...}`` for a width transform."""
+    if recipe.get("transform"):
+        text = f"{recipe['transform']} {recipe.get('options') or {}}"
+    else:
+        text = _describe(VWNConfig.from_dict(recipe["vwn_config"]))
+    before = recipe.get("before")
+    return f"{_recipe_text(before)}, then widen() with {text}" if isinstance(before, dict) else text
 
 
 def _describe(cfg: VWNConfig) -> str:
@@ -183,10 +217,8 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], recipe: dict
     wrong = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in state
              if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        cfg = VWNConfig.from_dict(recipe["vwn_config"])
-        have = getattr(model, "vwn_config", None)
         raise CheckpointError(
-            f"{where} ({_describe(cfg)}) does not fit the rebuilt model ({_describe(have) if have else 'plain'}): "
+            f"{where} ({_recipe_text(recipe)}) does not fit the model rebuilt from it: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
         )
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
@@ -407,11 +439,13 @@ def from_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
     folder = _checkpoint_folder(path)
     config = AutoConfig.from_pretrained(str(folder))
     recipe = getattr(config, "vwn_recipe", None)
-    if not isinstance(recipe, dict) or "vwn_config" not in recipe:
+    if not isinstance(recipe, dict) or ("vwn_config" not in recipe and not recipe.get("transform")):
         raise CheckpointError(f"{str(folder)!r} holds a plain {type(config).__name__} checkpoint (no vwn_recipe in "
                               "config.json); load it with transformers and widen it")
     state = _read_safetensors(folder)  # also fails early on a truncated or corrupt file
     del config.vwn_recipe  # the base model is built plain; widen() records the recipe again
+    if recipe.get("transform") or recipe.get("before"):
+        return _from_pretrained_rebuilt(folder, config, recipe, state, kwargs)
     # the saved model's attention implementation, unless the caller chooses: eager vs sdpa differ in rounding
     attn = recipe.get("attn_implementation")
     if attn and "attn_implementation" not in kwargs:
@@ -435,4 +469,26 @@ def from_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
             raise CheckpointError(problem)
         log.warning("%s; loading anyway (strict=False)", problem)
     wide.load_state_dict({k: state[k] for k in added if k in state}, strict=False)
+    return wide
+
+
+def _from_pretrained_rebuilt(folder: Path, config, recipe: dict, state: dict[str, torch.Tensor],
+                             kwargs: dict) -> nn.Module:
+    """A checkpoint of a width transform (WideNet, Adaptive Width, or widen() of one): its FFN weights live under
+    other names than the base model's, so transformers cannot load the base from it. The base is built from
+    config.json alone, the recipe replayed, and every weight loaded from the safetensors files strictly."""
+    allowed = {"dtype", "torch_dtype", "attn_implementation"}
+    other = sorted(set(kwargs) - allowed)
+    if other:
+        raise TypeError(f"from_pretrained of a {recipe.get('transform') or 'transformed'} checkpoint takes only "
+                        f"{sorted(allowed)} as keyword arguments, got {other}")
+    attn = kwargs.get("attn_implementation", recipe.get("attn_implementation"))
+    build = {"attn_implementation": attn} if attn else {}
+    base = _hf_model_class(config)._from_config(config, **build)
+    _zero_floats(base)
+    wide = _replay(base.eval(), recipe, repr(str(folder)))
+    _load_weights(wide, state, recipe, repr(str(folder)))
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if dtype is not None:
+        wide.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return wide

@@ -262,6 +262,19 @@ def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, 
         cfg = fixed.replace(hidden_size=d)
 
     check_stream_ends(model, structure)  # a stream whose width changes between stages: refused before its blocks
+    blocks = analyze_blocks(structure)
+    if cfg.mtp and (structure.entry != "embeddings" or structure.final_kind == "block"):
+        raise UnsupportedModelError(
+            f"mtp=True needs a token language model (a stream from token tables into a final norm or head); "
+            f"{type(model).__name__}'s stream starts at {structure.embeddings or 'its inputs'} and ends "
+            f"{'at ' + structure.final if structure.final_kind != 'block' else 'in a pooler or other consumer'}")
+    return cfg, structure, blocks
+
+
+def analyze_blocks(structure: ModelStructure) -> list[_BlockAnalysis]:
+    """Trace every block the probe found and match its residual updates (the rewrite's input; also what the
+    width transforms use to find each block's FFN). Post-LN blocks and blocks without a residual update are
+    refused with an :class:`UnsupportedModelError` that says what was found."""
     blocks = []
     for call in structure.blocks:
         spec, _ = CallSpec.from_call(call.module, call.args, call.kwargs)
@@ -279,12 +292,7 @@ def _analyze(model, config, ratio, m, dynamic, init, embedding, example_inputs, 
                 ) from exc
             raise
         blocks.append(_BlockAnalysis(call.name, spec, graph, updates))
-    if cfg.mtp and (structure.entry != "embeddings" or structure.final_kind == "block"):
-        raise UnsupportedModelError(
-            f"mtp=True needs a token language model (a stream from token tables into a final norm or head); "
-            f"{type(model).__name__}'s stream starts at {structure.embeddings or 'its inputs'} and ends "
-            f"{'at ' + structure.final if structure.final_kind != 'block' else 'in a pooler or other consumer'}")
-    return cfg, structure, blocks
+    return blocks
 
 
 def _count_added(model: nn.Module, cfg: VWNConfig, structure: ModelStructure, num_ghc: int) -> int:
@@ -560,6 +568,9 @@ def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStruc
     spec = structure.example_inputs.to_spec() if inputs_given else None
     if spec is not None:
         recipe["example_inputs"] = spec
+    before = getattr(original, "vwn_recipe", None)
+    if isinstance(before, dict) and before.get("transform"):
+        recipe["before"] = before  # widen() of a WideNet / Adaptive Width model: load replays that first
     attn = getattr(getattr(target, "config", None), "_attn_implementation", None)
     if isinstance(attn, str):
         recipe["attn_implementation"] = attn  # a runtime choice HF does not save; replayed for exact logits
