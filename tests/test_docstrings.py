@@ -9,7 +9,8 @@ import pytest
 
 MODULES = ["vwn_transform", "vwn_transform.config", "vwn_transform.widen", "vwn_transform.modules",
            "vwn_transform.persist", "vwn_transform.training", "vwn_transform.onnx", "vwn_transform.passes.pipeline",
-           "vwn_transform.passes.fusion", "vwn_transform.backend"]
+           "vwn_transform.passes.fusion", "vwn_transform.backend", "vwn_transform.widenet",
+           "vwn_transform.adaptive_width"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,12 +11,14 @@ from .lora import peft_modules_to_save
 from .persist import CheckpointError, from_pretrained, load, save
 from .training import param_groups
 from .widen import WidenPlan, plan, widen
+from .widenet import widenet, widenet_plan
+from .adaptive_width import adaptive_width, truncate_width, width_report
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "GHC", "UnsupportedModelError", "VWNConfig", "WidenPlan", "export_onnx",
-           "from_pretrained", "load", "param_groups", "peft_modules_to_save", "plan", "save", "widen",
-           "__version__"]
+__all__ = ["CheckpointError", "GHC", "UnsupportedModelError", "VWNConfig", "WidenPlan", "adaptive_width",
+           "export_onnx", "from_pretrained", "load", "param_groups", "peft_modules_to_save", "plan", "save",
+           "truncate_width", "widen", "widenet", "widenet_plan", "width_report", "__version__"]
 
 
 def export_onnx(model, path, *, example_inputs=None, dynamic=True, opset=20, verify=True, providers=None,

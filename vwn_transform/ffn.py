@@ -109,7 +109,9 @@ def locate_ffns(model: nn.Module, example_inputs: Any, who: str, names: list[str
         block = model.get_submodule(b.name)
         for ui, update in enumerate(b.updates):
             for sub in update.sublayers:
-                if not is_norm_module(block.get_submodule(sub)):
+                mod = block.get_submodule(sub)
+                # an FFN has weights: dropout and activations around it are position-wise too, but not FFNs
+                if not is_norm_module(mod) and any(True for _ in mod.parameters()):
                     candidates.append((b.name, ui, f"{b.name}.{sub}"))
     inputs: dict[str, tuple] = {}
 
