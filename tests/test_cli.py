@@ -327,3 +327,22 @@ def test_demo_thread_choice(monkeypatch):
     assert choose_threads(None, cpu) == (torch.get_num_threads(), "OMP_NUM_THREADS")
     with pytest.raises(ValueError, match="threads must be a positive int, got 0"):
         choose_threads(0, cpu)
+
+
+@pytest.mark.parametrize("transform", ["adaptive_width", "widenet"])
+def test_demo_trains_the_other_width_transforms(tmp_path, transform):
+    from vwn_transform.cli import main
+
+    out = tmp_path / transform
+    assert main(["demo", "--quick", "--steps", "3", "--transform", transform, "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["transform"] == transform and results["ratio"] is None and "onnx" not in results
+    base, twin = results["val_loss"]["baseline"], results["val_loss"]["widened"]
+    assert len(base) == len(twin) == len(results["tokens"]) and all(math.isfinite(v) for v in base + twin)
+    if transform == "adaptive_width":  # function-preserving: both start at the same loss
+        assert abs(base[0] - twin[0]) <= 1e-5
+        assert len(results["widths"]) == results["settings"]["n_layer"]
+    else:  # blocks shared from block 0: a different function, and fewer parameters than the baseline's blocks
+        assert twin[0] != base[0]
+    assert (out / "loss_curves.png").is_file()

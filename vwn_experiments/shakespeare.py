@@ -225,6 +225,21 @@ def widened_twin(base: GPT, ratio, m: int | None, mtp: bool = False) -> nn.Modul
     return widen(base, ratio, m=m, mtp=mtp) if mtp else widen(base, ratio, m=m)
 
 
+# the twins `vwn demo --transform` can train; "vwn" is virtual width (widen())
+TRANSFORMS = ("vwn", "widenet", "adaptive_width")
+
+
+def transformed_twin(base: GPT, transform: str) -> tuple[nn.Module, str]:
+    """(the twin, its name in tables) for a width transform other than VWN, at the library's defaults."""
+    import vwn_transform
+
+    if transform == "widenet":
+        return vwn_transform.widenet(base, 4, 2), "WideNet (4 experts, top-2, blocks shared)"
+    if transform == "adaptive_width":
+        return vwn_transform.adaptive_width(base), "Adaptive Width (k=0.9, capacity 1.5x)"
+    raise ValueError(f"transform must be one of {list(TRANSFORMS)}, got {transform!r}")
+
+
 def make_optimizer(model: nn.Module, settings: DemoSettings) -> torch.optim.Optimizer:
     """AdamW over :func:`~vwn_transform.param_groups` (no decay on static GHC matrices and vectors)."""
     from vwn_transform.training import param_groups
@@ -243,6 +258,10 @@ def lr_at(step: int, settings: DemoSettings) -> float:
 def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     _, loss = model(x, y)
     out = {"loss": loss}
+    widenet = getattr(model, "vwn_widenet", None)
+    if widenet is not None and widenet.last_losses is not None:
+        # trained on next-token + weight x load balancing; compared (validation) on next-token loss alone
+        out = {"loss": widenet.last_losses["loss"], "aux_loss": widenet.last_losses["aux_loss"], "train_loss": loss}
     mtp = getattr(model, "vwn_mtp", None)
     if mtp is not None and mtp.last_losses is not None:
         out.update(mtp.last_losses)  # next_token_loss, mtp_loss (loss = next + weight * mtp)
@@ -303,7 +322,8 @@ def train_models(models: dict[str, nn.Module], settings: DemoSettings, batches: 
             t0 = time.perf_counter()
             for group in opts[name].param_groups:
                 group["lr"] = lr
-            loss = _losses(model, x, y)["loss"]
+            losses = _losses(model, x, y)
+            loss = losses.get("train_loss", losses["loss"])  # what the model trains on (WideNet: + balancing)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opts[name].step()
@@ -477,7 +497,7 @@ def _write_json(path: Path, results: dict) -> None:
 @_restoring_threads
 def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, mtp: bool = False,
              export: bool = True, progress: bool = True, echo: Callable[[str], None] | None = None,
-             threads: int | None = None, pretrain_steps: int = 0) -> dict:
+             threads: int | None = None, pretrain_steps: int = 0, transform: str = "vwn") -> dict:
     """Train the reference GPT and its widened twin; write ``results.json``, ``loss_curves.png`` and (when
     ``export``) ``widened.onnx`` into ``out_dir``. Returns the results dict.
 
@@ -487,11 +507,19 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
     batches, each with a fresh optimizer and schedule; the curves, the final gap and the token efficiency are of
     that second phase.
 
+    ``transform``: ``"vwn"`` (virtual width, ``ratio``/``m``/``mtp``), or ``"widenet"`` / ``"adaptive_width"``
+    (:func:`~vwn_transform.widenet` / :func:`~vwn_transform.adaptive_width` at their defaults; no ONNX export).
+
     Optional dependencies (matplotlib; onnx/onnxruntime when ``export``) are checked before training;
     ``results.json`` is written as soon as training ends, so a failing plot or export keeps the numbers."""
     echo = echo or _echo
     if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int) or pretrain_steps < 0:
         raise ValueError(f"pretrain_steps must be an int >= 0, got {pretrain_steps!r}")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {list(TRANSFORMS)}, got {transform!r}")
+    if transform != "vwn" and mtp:
+        raise ValueError(f"mtp applies to the VWN twin (transform='vwn'), not to transform={transform!r}")
+    export = export and transform == "vwn"
     r = parse_ratio(ratio)
     choose_slots(r, settings.n_embd, m)  # a ratio/m the model cannot take fails here, before any file is written
     device = resolve_device(settings.device)  # validate everything before creating the output folder
@@ -512,9 +540,13 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
         pretrain = {"steps": pretrain_steps, "tokens": pre["tokens"], "val_loss": pre["val"]["baseline"],
                     "seconds": pre["seconds"]["baseline"]}
         echo(f"pretrained baseline: val loss {pre['val']['baseline'][0]:.4f} -> {pre['val']['baseline'][-1]:.4f}")
-    wide = widened_twin(base, r, m, mtp=mtp)
-    cfg = wide.vwn_config
-    name_w = f"widened r={r} (m={cfg.m}, n={cfg.n})"
+    if transform == "vwn":
+        wide = widened_twin(base, r, m, mtp=mtp)
+        cfg = wide.vwn_config
+        name_w = f"widened r={r} (m={cfg.m}, n={cfg.n})"
+    else:
+        wide, name_w = transformed_twin(base, transform)
+        cfg = None
     echo(f"baseline GPT: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params; {name_w}: "
          f"{sum(p.numel() for p in wide.parameters()) / 1e6:.2f} M params; {settings.steps} steps x "
          f"{settings.tokens_per_step} tokens on {device}")
@@ -524,7 +556,9 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
     eff = token_efficiency(tokens, lb, lw)
     results = {
         "experiment": "demo", "corpus": source, "settings": dataclasses.asdict(settings),
-        "ratio": str(r), "m": cfg.m, "n": cfg.n, "mtp": mtp, "tokens": tokens,
+        "transform": transform, "twin": name_w,
+        "ratio": str(r) if cfg else None, "m": cfg.m if cfg else None, "n": cfg.n if cfg else None, "mtp": mtp,
+        "tokens": tokens,
         "val_loss": {"baseline": lb, "widened": lw}, "val_mtp_loss": history["val_mtp"].get(name_w),
         "final_gap": lw[-1] - lb[-1], "token_efficiency": eff,
         "train_seconds": history["seconds"], "environment": _environment(),
@@ -535,9 +569,9 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
     echo("")
     echo(format_demo_table(results))
     after = f", widened after {pretrain_steps} pretraining steps" if pretrain_steps else ""
+    twin = f"VWN twin r={r} (m={cfg.m}, n={cfg.n})" if cfg else name_w
     plot_curves(history, out / "loss_curves.png",
-                f"byte-level GPT ({settings.n_layer}L, D={settings.n_embd}) vs VWN twin r={r} (m={cfg.m}, n={cfg.n})"
-                + after)
+                f"byte-level GPT ({settings.n_layer}L, D={settings.n_embd}) vs {twin}" + after)
     written.append(out / "loss_curves.png")
     if export:
         from vwn_transform.onnx import export_onnx
@@ -555,6 +589,12 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
         echo(f"ONNX: {report.path} verified in onnxruntime ({report.providers}), max abs diff "
              f"{report.max_abs_diff:.1e}")
         _write_json(out / "results.json", results)
+    if transform == "adaptive_width":
+        from vwn_transform import width_report
+
+        results["widths"] = [dataclasses.asdict(e) for e in width_report(wide)]
+        _write_json(out / "results.json", results)
+        echo("learned FFN widths:\n" + "\n".join(f"  {e}" for e in width_report(wide)))
     echo("wrote " + ", ".join(str(p) for p in written))
     return results
 

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ratio", type=_ratio, default=_ratio("4"), help="expansion ratio (default 4)")
             p.add_argument("--mtp", action="store_true", help="add next-2-token prediction to the widened twin")
             p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the widened twin")
+            p.add_argument("--transform", choices=["vwn", "widenet", "adaptive_width"], default="vwn",
+                           help="the twin: virtual width (vwn, default), WideNet (MoE FFNs, blocks shared) or "
+                                "Adaptive Width (learned FFN widths); --ratio/--m/--mtp/ONNX apply to vwn")
             p.add_argument("--pretrain-steps", type=_non_negative_int, default=0, metavar="K",
                            help="continued pretraining: train the baseline alone for K steps, then widen it "
                                 "(function-preserving) and continue both for --steps steps (default 0)")
@@ -432,7 +435,8 @@ def cmd_demo(args) -> int:
     from vwn_experiments import run_demo
 
     run_demo(_demo_settings(args), args.out, ratio=args.ratio, m=args.m, mtp=args.mtp, export=not args.no_onnx,
-             progress=not args.no_progress, threads=args.threads, pretrain_steps=args.pretrain_steps)
+             progress=not args.no_progress, threads=args.threads, pretrain_steps=args.pretrain_steps,
+             transform=args.transform)
     return 0
 
 
