@@ -322,3 +322,22 @@ def test_adaptive_width_refusals():
     aw = vwn_transform.adaptive_width(gpt())
     with pytest.raises(UnsupportedModelError, match="already transformed by vwn_transform.adaptive_width"):
         vwn_transform.widenet(aw)
+
+
+def test_width_transforms_on_a_vision_transformer_round_trip_through_save_pretrained(tmp_path):
+    """A ViT: example inputs are pixels, and transformers saves it under renamed checkpoint keys."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=5)
+    vit = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for i, make in enumerate([lambda m: vwn_transform.widenet(m, 3, 2, share_blocks=False,
+                                                               example_inputs={"pixel_values": x}),
+                              lambda m: vwn_transform.adaptive_width(m, example_inputs={"pixel_values": x})]):
+        t = make(vit)
+        assert torch.allclose(t(pixel_values=x).logits, vit(pixel_values=x).logits, atol=1e-5)
+        t.save_pretrained(tmp_path / str(i))
+        back = vwn_transform.from_pretrained(tmp_path / str(i))
+        assert torch.equal(back(pixel_values=x).logits, t(pixel_values=x).logits)

@@ -384,11 +384,13 @@ def _checkpoint_folder(path) -> Path:
     return folder
 
 
-def _vwn_keys_as_loaded(base: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _vwn_keys_as_loaded(base: nn.Module, state: dict[str, torch.Tensor], every_key: bool = False
+                        ) -> dict[str, torch.Tensor]:
     """The ``*.vwn_*`` keys of a checkpoint under the module paths of the loaded model. transformers 5 saves some
     models under their original checkpoint names (ViT's ``vit.layers.0`` as ``vit.encoder.layer.0``) and renames
     them when loading; the VWN weights, which live on the same modules, were saved renamed too and are renamed here
-    with transformers' own mapping for this model."""
+    with transformers' own mapping for this model (``every_key``: every key, for a width-transform checkpoint that is
+    loaded without transformers' loader)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -402,7 +404,7 @@ def _vwn_keys_as_loaded(base: nn.Module, state: dict[str, torch.Tensor]) -> dict
     meta = base.state_dict()
     renamed = {}
     for key, value in state.items():
-        if ".vwn_" in key or key.startswith("vwn_"):
+        if every_key or ".vwn_" in key or key.startswith("vwn_"):
             key = rename_source_key(key, renamings, converters, getattr(base, "base_model_prefix", None), meta)[0]
         renamed[key] = value
     return renamed
@@ -485,6 +487,7 @@ def _from_pretrained_rebuilt(folder: Path, config, recipe: dict, state: dict[str
     attn = kwargs.get("attn_implementation", recipe.get("attn_implementation"))
     build = {"attn_implementation": attn} if attn else {}
     base = _hf_model_class(config)._from_config(config, **build)
+    state = _vwn_keys_as_loaded(base, state, every_key=True)  # saved under transformers' checkpoint names
     _zero_floats(base)
     wide = _replay(base.eval(), recipe, repr(str(folder)))
     _load_weights(wide, state, recipe, repr(str(folder)))
