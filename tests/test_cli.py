@@ -343,6 +343,8 @@ def test_demo_trains_the_other_width_transforms(tmp_path, transform):
     if transform == "adaptive_width":  # function-preserving: both start at the same loss
         assert abs(base[0] - twin[0]) <= 1e-5
         assert len(results["widths"]) == results["settings"]["n_layer"]
+        sizes = [row["params"] for row in results["truncation"]]
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]  # less mass kept: fewer parameters
     else:  # blocks shared from block 0: a different function, and fewer parameters than the baseline's blocks
         assert twin[0] != base[0]
     assert (out / "loss_curves.png").is_file()

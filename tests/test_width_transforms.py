@@ -341,3 +341,15 @@ def test_width_transforms_on_a_vision_transformer_round_trip_through_save_pretra
         t.save_pretrained(tmp_path / str(i))
         back = vwn_transform.from_pretrained(tmp_path / str(i))
         assert torch.equal(back(pixel_values=x).logits, t(pixel_values=x).logits)
+
+
+def test_width_transforms_export_to_onnx_and_compile(tmp_path):
+    """WideNet runs its dense, static-shape form under torch.export/compile (ONNX export verified in onnxruntime;
+    Adaptive Width's importance is plain tensor math and exports like any model: checked by hand, not here)."""
+    x = ids()
+    moe = vwn_transform.widenet(gpt(), 4, 2)
+    assert vwn_transform.export_onnx(moe, tmp_path / "widenet.onnx", example_inputs=(x,)).max_abs_diff <= 1e-4
+    moe.train()
+    compiled = torch.compile(moe, backend="aot_eager")
+    got, ref = compiled(x, x)[1], moe(x, x)[1]
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -590,13 +590,31 @@ def run_demo(settings: DemoSettings, out_dir, *, ratio="4", m: int | None = 2, m
              f"{report.max_abs_diff:.1e}")
         _write_json(out / "results.json", results)
     if transform == "adaptive_width":
-        from vwn_transform import width_report
-
-        results["widths"] = [dataclasses.asdict(e) for e in width_report(wide)]
+        results.update(_truncation_results(wide, batches, echo))
         _write_json(out / "results.json", results)
-        echo("learned FFN widths:\n" + "\n".join(f"  {e}" for e in width_report(wide)))
     echo("wrote " + ", ".join(str(p) for p in written))
     return results
+
+
+def _truncation_results(model: nn.Module, batches: Batches, echo: Callable[[str], None]) -> dict:
+    """The trained Adaptive Width twin's learned widths, and its validation loss and parameters after
+    :func:`~vwn_transform.truncate_width` at a few importance masses (the paper's cheap truncation)."""
+    from vwn_transform import truncate_width, width_report
+
+    widths = width_report(model)
+    echo("learned FFN widths:\n" + "\n".join(f"  {e}" for e in widths))
+    val = batches.val_batches()
+    rows = [{"keep": None, "params": sum(p.numel() for p in model.parameters()),
+             "active_units": sum(e.width for e in widths), "val_loss": evaluate(model, val)["loss"]}]
+    for keep in (0.99, 0.95, 0.9, 0.8):
+        small = truncate_width(model, keep=keep)
+        rows.append({"keep": keep, "params": sum(p.numel() for p in small.parameters()),
+                     "active_units": sum(e.width for e in width_report(small)), "val_loss": evaluate(small, val)["loss"]})
+    echo("| truncation (importance mass kept) | parameters | FFN units | val loss |\n|---|---:|---:|---:|")
+    for r in rows:
+        echo(f"| {'none (capacity)' if r['keep'] is None else r['keep']} | {r['params']:,} | {r['active_units']:,} | "
+             f"{r['val_loss']:.4f} |")
+    return {"widths": [dataclasses.asdict(e) for e in widths], "truncation": rows}
 
 
 def format_demo_table(results: dict) -> str:

@@ -48,6 +48,11 @@ log = logging.getLogger("vwn_transform")
 MAX_EXPERTS = 256
 
 
+def _tracing() -> bool:
+    """Under torch.compile or torch.export (and so ONNX export) the MoE runs its dense form (widenet() logs it)."""
+    return torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
 class WideNetMoE(nn.Module):
     """Top-k mixture of ``num_experts`` copies of one FFN; ``last_aux_loss`` is the load-balancing loss of the last
     forward (with its graph, for the model-level hook that adds it to the loss).
@@ -79,6 +84,28 @@ class WideNetMoE(nn.Module):
         probs = torch.softmax(self.router(flat).float(), dim=-1)  # [P, E]
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # [P, k]
         weights = top_p / top_p.sum(-1, keepdim=True).detach()  # [P, k]: values sum to 1
+        if _tracing():
+            out = self._dense(flat, top_i, weights)
+        else:
+            out = self._gathered(flat, top_i, weights)
+        counts = F.one_hot(top_i, self.num_experts).sum(dim=(0, 1)).float()  # [E]: assignments per expert
+        fraction = counts / max(top_i.numel(), 1)
+        self.last_aux_loss = self.num_experts * (fraction * probs.mean(0)).sum()
+        return out.reshape(x.shape)
+
+    def _dense(self, flat: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every position, weighted by a ``[P, E]`` gate that is zero off the top-k: static
+        shapes for torch.compile / torch.export / ONNX, at ``num_experts / top_k`` times the expert compute."""
+        gates = torch.zeros(flat.shape[0], self.num_experts, device=flat.device, dtype=weights.dtype)
+        gates = gates.scatter(1, top_i, weights)  # [P, E]
+        out = None
+        for e, expert in enumerate(self.experts):
+            y = expert(flat) * gates[:, e:e + 1].to(flat.dtype)  # [P, D]
+            out = y if out is None else out + y
+        return out
+
+    def _gathered(self, flat: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each expert on the positions routed to it (data-dependent shapes: eager only)."""
         out = None
         for e, expert in enumerate(self.experts):
             rows, which = (top_i == e).nonzero(as_tuple=True)  # positions routed to e, and their k-slot
@@ -90,10 +117,7 @@ class WideNetMoE(nn.Module):
             out = out.index_add(0, rows, y)
         if out is None:  # no positions (an empty batch)
             out = torch.zeros_like(flat)
-        counts = F.one_hot(top_i, self.num_experts).sum(dim=(0, 1)).float()  # [E]: assignments per expert
-        fraction = counts / max(top_i.numel(), 1)
-        self.last_aux_loss = self.num_experts * (fraction * probs.mean(0)).sum()
-        return out.reshape(x.shape)
+        return out
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}"
@@ -332,9 +356,11 @@ def _widenet(model, num_experts, top_k, share_blocks, aux_loss_weight, inplace, 
     except BaseException:
         op.rollback()
         raise
-    log.info("widenet: %s, %d FFNs -> top-%d of %d experts, blocks %s; parameters %s -> %s in %.2fs",
-             type(model).__name__, len(sites), top_k, num_experts, "shared" if share_blocks else "separate",
-             f"{before:,}", f"{after:,}", time.perf_counter() - start)
+    log.info("widenet: %s, %d FFNs -> top-%d of %d experts, blocks %s; parameters %s -> %s in %.2fs. Routing: "
+             "eager runs each expert on its positions; torch.compile/export run every expert on every position "
+             "gated by the top-k weights (static shapes, %gx the expert compute)", type(model).__name__, len(sites),
+             top_k, num_experts, "shared" if share_blocks else "separate", f"{before:,}", f"{after:,}",
+             time.perf_counter() - start, num_experts / top_k)
     return target
 
 
