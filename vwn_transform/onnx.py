@@ -64,7 +64,7 @@ def _lead_shape(h, *tail):
 # The translations below are the lean form (benchmarks/NOTES.md, "Lean GHC translations"): the state is viewed as
 # ``[..., slots, d]`` with a constant-shape Reshape (leading dims kept, no Shape/Concat), the RMS norm is folded
 # into the small ``[d, 2m+n]`` projection (``rmsnorm(H) g @ W / sqrt(d) == (H @ (g W)) / sqrt(|H|^2 + eps d)``,
-# as kernels/reference.py does), so the state is read by one ReduceSumSquare and two MatMuls and never scaled;
+# as kernels/reference.py does), so the state is read by one sum of squares and two MatMuls and never scaled;
 # weight-only subexpressions (g W, the stacked static maps) are constant-folded by onnxruntime. They need the
 # state's rank and the parameters' sizes to be static, which the dynamo exporter provides; otherwise the
 # generic translations (``_*_generic``) run.
@@ -128,7 +128,9 @@ def _read_dynamic_lean(h, rank, d, n, m, norm_weight, proj, gates, scales, eps):
     h4 = _view(_f32(h), rank, [n, d])  # [..., n, d]
     wg = op.Mul(op.Unsqueeze(_f32(norm_weight), op.Constant(value_ints=[1])), _f32(proj))  # [d, 2m+n] (folded)
     u = op.MatMul(h4, wg)  # [..., n, 2m+n]
-    sq_eps = op.Add(op.ReduceSumSquare(h4, op.Constant(value_ints=[-1]), keepdims=1),
+    # |h|^2 as ReduceSum(h*h): onnxruntime's CPU ReduceSumSquare over the last axis is ~1.5x slower than the two
+    # nodes together (benchmarks/NOTES.md, "Sum of squares")
+    sq_eps = op.Add(op.ReduceSum(op.Mul(h4, h4), op.Constant(value_ints=[-1]), keepdims=1),
                     op.Constant(value_float=eps * d))  # [..., n, 1]: |h|^2 + eps d
     logits = op.Div(u, op.Sqrt(sq_eps))  # = (H @ g W) * inv_rms / sqrt(d)
     coef = op.Add(_f32(gates), op.Mul(_f32(scales), op.Tanh(logits)))  # [..., n, 2m+n] = [Read | Carry | WriteT]
