@@ -154,6 +154,20 @@ def test_learning_rate_reaches_the_demo_settings():
     assert stated and float(stated.group(1)) == default.lr, demo_help  # the help states the recipe's default
 
 
+def test_gpu_device_picks_the_gpu_preset_and_flags_still_apply():
+    from vwn_experiments import DemoSettings
+    from vwn_transform.cli import _demo_settings, build_parser
+
+    gpu = _demo_settings(build_parser().parse_args(["demo", "--device", "cuda"]))
+    assert (gpu.n_layer, gpu.n_embd, gpu.steps, gpu.device) == (8, 512, 1500, "cuda")
+    assert gpu.tokens_per_step > 4 * DemoSettings().tokens_per_step
+    tuned = _demo_settings(build_parser().parse_args(["study", "--device", "cuda:1", "--steps", "300", "--lr", "2e-3"]))
+    assert (tuned.n_embd, tuned.steps, tuned.lr, tuned.device) == (512, 300, 2e-3, "cuda:1")
+    quick = _demo_settings(build_parser().parse_args(["demo", "--device", "cuda", "--quick"]))
+    assert quick.n_embd == DemoSettings.quick().n_embd  # --quick wins
+    assert _demo_settings(build_parser().parse_args(["demo"])).n_embd == DemoSettings().n_embd
+
+
 def run_in_process(args, capsys):
     from vwn_transform.cli import main
 
