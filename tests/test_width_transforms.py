@@ -215,7 +215,7 @@ def test_adaptive_width_scales_hidden_units_by_the_papers_importance():
     aw = vwn_transform.adaptive_width(gpt(), quantile=0.8)
     mlp = aw.transformer.h[1].mlp
     with torch.no_grad():
-        mlp.c_proj.aw_rate.fill_(math.log(math.expm1(0.05)))  # lambda = 0.05
+        mlp.c_proj.aw_rate.fill_(math.log(math.expm1(0.05)) - mlp.c_proj.aw_rate_offset)  # lambda = 0.05
     f, width = _paper_importance(0.05, mlp.c_proj.weight.shape[1], 0.8)
     assert width == int(-math.log(0.2) / 0.05) + 2 == 34
     x = torch.randn(2, 5, 32)
@@ -238,7 +238,7 @@ def test_adaptive_width_learns_the_width_and_adds_the_prior_terms():
         active = (f > 0).float()
         sq = (b.mlp.c_fc.weight.pow(2).sum(1) * active).sum() + (b.mlp.c_fc.bias.pow(2) * active).sum() \
             + (b.mlp.c_proj.weight.pow(2).sum(0) * active).sum() + b.mlp.c_proj.bias.pow(2).sum()
-        lam = F.softplus(b.mlp.c_proj.aw_rate)
+        lam = F.softplus(b.mlp.c_proj.aw_rate + b.mlp.c_proj.aw_rate_offset)
         prior = prior + sq / (2 * 2.0 ** 2) + (lam - 0.01) ** 2 / (2 * 0.02 ** 2)
     assert torch.allclose(loss, ce + prior / 1000.0, atol=1e-5)
     opt = torch.optim.Adam(aw.parameters(), 3e-2)
@@ -255,7 +255,8 @@ def test_truncate_width_keeps_the_kept_units_contribution_exactly(tmp_path):
     aw = vwn_transform.adaptive_width(gpt())
     with torch.no_grad():
         for b in aw.transformer.h:
-            b.mlp.c_proj.aw_rate.fill_(math.log(math.expm1(0.03)))  # width floor(2.30/0.03)+2 = 78 of 192
+            # lambda = 0.03: width floor(2.30/0.03)+2 = 78 of 192
+            b.mlp.c_proj.aw_rate.fill_(math.log(math.expm1(0.03)) - b.mlp.c_proj.aw_rate_offset)
     small = vwn_transform.truncate_width(aw, keep=0.7)
     kept = [e.capacity for e in vwn_transform.width_report(small)]
     f, width = _paper_importance(0.03, 192, 0.9)
@@ -353,3 +354,41 @@ def test_width_transforms_export_to_onnx_and_compile(tmp_path):
     compiled = torch.compile(moe, backend="aot_eager")
     got, ref = compiled(x, x)[1], moe(x, x)[1]
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_adaptive_width_rate_starts_at_zero_for_weight_decay_and_stays_float32():
+    aw = vwn_transform.adaptive_width(gpt())
+    proj = aw.transformer.h[0].mlp.c_proj
+    assert float(proj.aw_rate.detach()) == 0.0  # decay pulls towards the original width, not towards lambda = 0.69
+    lam0 = -math.log(0.1) / (128 - 1.5)
+    assert abs(float(proj.aw_lambda()) - lam0) < 1e-6
+    with torch.no_grad():
+        proj.aw_rate.fill_(0.123456789)
+    half = aw.to(torch.bfloat16)
+    assert half.transformer.h[0].mlp.c_proj.aw_rate.dtype == torch.float32
+    assert float(half.transformer.h[0].mlp.c_proj.aw_rate) == torch.tensor(0.123456789).item()
+    assert half.transformer.h[0].mlp.c_proj.weight.dtype == torch.bfloat16
+
+
+def test_truncate_width_of_a_widened_adaptive_model_round_trips(tmp_path):
+    wide = vwn_transform.widen(vwn_transform.adaptive_width(gpt()), 2)
+    with torch.no_grad():
+        for b in wide.transformer.h:
+            b.mlp.c_proj.aw_rate.fill_(0.5)
+    small = vwn_transform.truncate_width(wide, keep=0.8)
+    caps = [e.capacity for e in vwn_transform.width_report(small)]
+    assert small.vwn_recipe["before"]["options"]["capacities"]["transformer.h.0.mlp"] == caps[0] < 192
+    assert wide.vwn_recipe["before"]["options"]["capacities"]["transformer.h.0.mlp"] == 192  # input untouched
+    back = vwn_transform.load(vwn_transform.save(small, tmp_path / "s.pt"), lambda: GPT(CFG))
+    x = ids()
+    assert torch.equal(back(x)[0], small(x)[0])
+
+
+def test_extra_loss_terms_only_in_training_mode():
+    moe = vwn_transform.widenet(gpt(), 4, 2, share_blocks=False).eval()
+    aw = vwn_transform.adaptive_width(gpt(), num_observations=10.0).eval()
+    x = ids()
+    for model in (moe, aw):
+        logits, loss = model(x, x)
+        assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), x.flatten()), atol=1e-6)
+    assert moe.vwn_widenet.last_losses["aux_loss"] > 0

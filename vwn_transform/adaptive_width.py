@@ -1,8 +1,11 @@
 """Adaptive Width ("Adaptive Width Neural Networks", Errica et al., arXiv 2501.15889, ICLR 2026) for the FFNs of an
 existing transformer: each FFN learns its hidden width during training, and the trained model truncates cheaply.
 
-Per FFN (found structurally, see :mod:`vwn_transform.ffn`) a learned rate ``lambda = softplus(aw_rate)`` sets a
-discretized exponential importance over the hidden units, 0-based ``i``:
+Per FFN (found structurally, see :mod:`vwn_transform.ffn`) a learned rate ``lambda = softplus(aw_rate + c)`` sets a
+discretized exponential importance over the hidden units, 0-based ``i`` (``aw_rate`` starts at 0 and the constant
+``c = softplus^-1(lambda0)`` is fixed by the original width, so weight decay on ``aw_rate`` pulls towards the
+original width, not towards lambda = softplus(0) = 0.69, a width of 5; the rate stays float32 when the model is
+cast, so a cast never moves a width boundary):
 
     p(i) = exp(-lambda i) (1 - exp(-lambda)),    width D = floor(-ln(1 - k) / lambda) + 2  (k = quantile, 0.9),
     f(i) = p(i) / sum_{j < D} p(j) for i < D, 0 beyond,
@@ -139,9 +142,15 @@ def importance(rate_raw: torch.Tensor, capacity: int, quantile: float) -> tuple[
     return p / p.sum(), width
 
 
+def _rate_offset(width: int, quantile: float) -> float:
+    """``softplus^-1(lambda0)`` with ``lambda0 = -ln(1 - k) / (width - 1.5)``: ``floor(-ln(1-k)/lambda0) + 2 == width``."""
+    return _inverse_softplus(-math.log1p(-quantile) / (width - 1.5))
+
+
 class ImportanceScaled:
     """Mixin swapped onto an FFN's output projection: its input (the hidden activations) is multiplied by
-    ``D f(i)`` first. Attributes: ``aw_rate`` (raw rate parameter), ``aw_quantile``, ``aw_original_width``."""
+    ``D f(i)`` first. Attributes: ``aw_rate`` (the learned rate, 0 at conversion), ``aw_quantile``,
+    ``aw_original_width``; ``aw_lambda()`` is ``softplus(aw_rate + c)``."""
 
     aw_rate: nn.Parameter
     aw_quantile: float
@@ -151,8 +160,25 @@ class ImportanceScaled:
     def aw_capacity(self) -> int:
         return _in_out(self)[0]
 
+    @property
+    def aw_rate_offset(self) -> float:
+        return _rate_offset(self.aw_original_width, self.aw_quantile)
+
+    def aw_lambda(self) -> torch.Tensor:
+        return F.softplus(self.aw_rate.float() + self.aw_rate_offset)
+
     def aw_importance(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return importance(self.aw_rate, self.aw_capacity, self.aw_quantile)
+        return importance(self.aw_rate.float() + self.aw_rate_offset, self.aw_capacity, self.aw_quantile)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) / .half(): the rate stays float32 (rounded to bf16 it could move a width boundary)
+        rate = self._parameters.get("aw_rate")
+        kept = rate.detach().clone() if rate is not None else None
+        out = super()._apply(fn, *args, **kwargs)
+        new = self._parameters.get("aw_rate")
+        if kept is not None and new is not None and new.dtype != torch.float32:
+            new.data = kept.to(device=new.device)
+        return out
 
     def aw_scale(self) -> torch.Tensor:
         f, width = self.aw_importance()
@@ -194,13 +220,13 @@ class AdaptiveWidthLoss:
             layer = torch.stack([t.float() for t in terms]).sum() / (2 * self.weight_prior_std ** 2)
             if self.rate_prior is not None:
                 mean, std = self.rate_prior
-                lam = F.softplus(down.aw_rate.float())
+                lam = down.aw_lambda()
                 layer = layer + (lam - mean) ** 2 / (2 * std ** 2)
             total = layer if total is None else total + layer
         return total / self.num_observations
 
     def on_model_return(self, model, args, kwargs, output):
-        if self.num_observations is None:
+        if self.num_observations is None or not model.training:  # evaluation losses stay the plain loss
             return None
         prior = self.prior_loss(model)
         output, before = add_to_loss(output, prior, "adaptive_width")
@@ -249,6 +275,16 @@ def _projections(model: nn.Module, site: FFNSite, hidden: int) -> tuple[list[str
                 f"projection's input width); {name} maps {i} -> {o}{hint}")
     if width < 3:
         raise UnsupportedModelError(f"{site.name} has {width} hidden units; adaptive_width() needs at least 3")
+    projections = {ffn.get_submodule(n) for n in names}
+    for name, mod in ffn.named_modules():
+        if mod in projections or any(mod is p or any(m is mod for m in p.modules()) for p in projections):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if width in p.shape:  # a per-hidden-unit parameter (an inner norm, a channel scale) we would not resize
+                raise UnsupportedModelError(
+                    f"adaptive_width() resizes only the linear projections of {site.name}; "
+                    f"{(name + '.') if name else ''}{pname} {tuple(p.shape)} is a per-hidden-unit parameter of "
+                    f"{type(mod).__name__} between them")
     prefix = site.name + "."
     return [prefix + n for n in names[:-1]], prefix + down, width
 
@@ -335,9 +371,8 @@ def _adaptive_width(model, options: dict, capacities: dict | None, inplace: bool
         for site, ups, down_name, width in found:
             cap = (capacities or {}).get(site.name)
             cap = int(cap) if cap is not None else max(width, math.ceil(width * (options["max_width"] or 1.0)))
-            lam0 = -math.log1p(-k) / (width - 1.5)  # floor(-ln(1-k)/lam0) + 2 == width
             down = target.get_submodule(down_name)
-            raw = torch.tensor(_inverse_softplus(lam0), dtype=torch.float32, device=down.weight.device)
+            raw = torch.tensor(_rate_offset(width, k), dtype=torch.float32, device=down.weight.device)
             f, w0 = importance(raw, width, k)
             if int(w0) != width:  # the formula above guarantees it; a guard against rounding surprises
                 raise RuntimeError(f"initial width {int(w0)} != {width} for {site.name}")
@@ -345,7 +380,7 @@ def _adaptive_width(model, options: dict, capacities: dict | None, inplace: bool
             _resize_units(down, "in", cap, op)
             for up in ups:
                 _resize_units(target.get_submodule(up), "out", cap, op)
-            op.set(down, "aw_rate", nn.Parameter(raw))
+            op.set(down, "aw_rate", nn.Parameter(torch.zeros_like(raw)))  # lambda = softplus(0 + offset) = lambda0
             op.set(down, "aw_quantile", k)
             op.set(down, "aw_original_width", width)
             op.swap(down, ImportanceScaled)
@@ -366,6 +401,24 @@ def _adaptive_width(model, options: dict, capacities: dict | None, inplace: bool
     log.info("adaptive_width: %s, %d FFNs (widths %s, capacity %s) in %.2fs", type(model).__name__, len(found),
              sorted({w for *_, w in found}), sorted(set(caps.values())), time.perf_counter() - start)
     return target
+
+
+def _adaptive_recipe(recipe: dict) -> dict:
+    """The adaptive_width recipe in a model's recipe: itself, or the one widen() recorded as ``before``."""
+    if recipe.get("transform") == "adaptive_width":
+        return recipe
+    before = recipe.get("before")
+    if isinstance(before, dict):
+        return _adaptive_recipe(before)
+    raise ValueError("the model's vwn_recipe records no adaptive_width transform")
+
+
+def _with_capacities(recipe: dict, widths: dict[str, int]) -> dict:
+    """A copy of ``recipe`` whose adaptive_width part records ``widths`` as the FFNs' capacities."""
+    if recipe.get("transform") == "adaptive_width":
+        options = recipe["options"]
+        return {**recipe, "options": {**options, "capacities": {**options["capacities"], **widths}}}
+    return {**recipe, "before": _with_capacities(recipe["before"], widths)}
 
 
 @dataclasses.dataclass
@@ -412,7 +465,7 @@ def width_report(model: nn.Module) -> list[WidthEntry]:
         down = model.get_submodule(site["down"])
         f, width = down.aw_importance()
         entries.append(WidthEntry(site["ffn"], int(width), down.aw_capacity, down.aw_original_width,
-                                  float(F.softplus(down.aw_rate.float())),
+                                  float(down.aw_lambda()),
                                   float(f[: down.aw_original_width].sum())))
     return entries
 
@@ -443,7 +496,7 @@ def truncate_width(model: nn.Module, keep: float = 0.9, *, inplace: bool = False
     target = deep_copy_unless(model, inplace)
     hook = target.vwn_adaptive
     recipe = target.vwn_recipe
-    spec = recipe.get("example_inputs")
+    spec = recipe.get("example_inputs") or _adaptive_recipe(recipe).get("example_inputs")
     ref = next(target.parameters())
     inputs = ExampleInputs.from_spec(spec, ref.device) if spec else default_example_inputs(target)
     before_out = primary_output(run_quietly(target, inputs))
@@ -464,16 +517,19 @@ def truncate_width(model: nn.Module, keep: float = 0.9, *, inplace: bool = False
                     _resize_units(target.get_submodule(up), "out", kept, op)
                 widths[site["ffn"]] = kept
         after_out = primary_output(run_quietly(target, inputs))
+        new_recipe = _with_capacities(recipe, widths)
+        op.set(target, "vwn_recipe", new_recipe)
+        hf_config = getattr(target, "config", None)
+        if hasattr(hf_config, "to_json_string"):
+            old_config_recipe = hf_config.__dict__.get("vwn_recipe")
+            hf_config.vwn_recipe = new_recipe
+            op.on_undo(lambda: setattr(hf_config, "vwn_recipe", old_config_recipe))
     except BaseException:
         op.rollback()
         raise
     params_after = sum(p.numel() for p in {id(p): p for p in target.parameters()}.values())
     change = float((after_out.float() - before_out.float()).abs().max()) if before_out is not None else float("nan")
     scale = float(before_out.float().abs().max()) if before_out is not None else float("nan")
-    recipe = {**recipe, "options": {**recipe["options"], "capacities": {**recipe["options"]["capacities"], **widths}}}
-    target.vwn_recipe = recipe
-    if hasattr(getattr(target, "config", None), "to_json_string"):
-        target.config.vwn_recipe = recipe
     hook.last_truncation = {"keep": keep, "widths": widths, "params_before": params_before,
                             "params_after": params_after, "max_abs_output_change": change,
                             "max_abs_output": scale}

@@ -165,6 +165,16 @@ def locate_ffns(model: nn.Module, example_inputs: Any, who: str, names: list[str
     return structure, sites
 
 
+def returned_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model output carries (see :func:`add_to_loss`), or None."""
+    if isinstance(output, tuple):
+        return next((v for v in output if isinstance(v, torch.Tensor) and v.dim() == 0), None)
+    if hasattr(output, "get"):
+        loss = output.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
+    return None
+
+
 def add_to_loss(output: Any, term: torch.Tensor, who: str) -> tuple[Any, torch.Tensor | None]:
     """``output`` with ``term`` added to the loss it carries (a ``loss`` field of a ModelOutput/dict, or the
     scalar of a tuple such as nanoGPT's ``(logits, loss)``); ``(output, None)`` when it carries no loss (no

@@ -447,7 +447,7 @@ def from_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
     state = _read_safetensors(folder)  # also fails early on a truncated or corrupt file
     del config.vwn_recipe  # the base model is built plain; widen() records the recipe again
     if recipe.get("transform") or recipe.get("before"):
-        return _from_pretrained_rebuilt(folder, config, recipe, state, kwargs)
+        return _from_pretrained_rebuilt(folder, config, recipe, state, kwargs, strict)
     # the saved model's attention implementation, unless the caller chooses: eager vs sdpa differ in rounding
     attn = recipe.get("attn_implementation")
     if attn and "attn_implementation" not in kwargs:
@@ -475,23 +475,35 @@ def from_pretrained(path, *, strict: bool = True, **kwargs: Any) -> nn.Module:
 
 
 def _from_pretrained_rebuilt(folder: Path, config, recipe: dict, state: dict[str, torch.Tensor],
-                             kwargs: dict) -> nn.Module:
+                             kwargs: dict, strict: bool) -> nn.Module:
     """A checkpoint of a width transform (WideNet, Adaptive Width, or widen() of one): its FFN weights live under
     other names than the base model's, so transformers cannot load the base from it. The base is built from
-    config.json alone, the recipe replayed, and every weight loaded from the safetensors files strictly."""
+    config.json alone, the recipe replayed, and every weight loaded from the safetensors files (strictly, unless
+    ``strict=False``: then missing or unexpected weights are logged; a shape mismatch is always an error)."""
     allowed = {"dtype", "torch_dtype", "attn_implementation"}
     other = sorted(set(kwargs) - allowed)
     if other:
         raise TypeError(f"from_pretrained of a {recipe.get('transform') or 'transformed'} checkpoint takes only "
                         f"{sorted(allowed)} as keyword arguments, got {other}")
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype (e.g. 'bfloat16', torch.float16, 'auto')")
+        dtype = getattr(torch, dtype)
     attn = kwargs.get("attn_implementation", recipe.get("attn_implementation"))
     build = {"attn_implementation": attn} if attn else {}
     base = _hf_model_class(config)._from_config(config, **build)
     state = _vwn_keys_as_loaded(base, state, every_key=True)  # saved under transformers' checkpoint names
-    _zero_floats(base)
-    wide = _replay(base.eval(), recipe, repr(str(folder)))
-    _load_weights(wide, state, recipe, repr(str(folder)))
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    if dtype is not None:
-        wide.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    where = repr(str(folder))
+    wide = _replay(base.eval(), recipe, where)
+    try:
+        _load_weights(wide, state, recipe, where)  # "auto" / None: the checkpoint's dtype
+    except CheckpointError as exc:
+        expected = wide.state_dict()
+        if strict or any(k in expected and state[k].shape != expected[k].shape for k in state):
+            raise
+        log.warning("%s; loading anyway (strict=False): missing weights keep their initialization", exc)
+        wide.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    if isinstance(dtype, torch.dtype):
+        wide.to(dtype)
     return wide

@@ -17,8 +17,10 @@ pre-norm transformer that :func:`vwn_transform.widen` supports:
   sliding window stay per layer); only the parameter tensors are shared.
 - the router's load-balancing loss (Switch Transformer form, ``E * sum_e f_e * P_e``: f_e the fraction of routed
   assignments going to expert e, P_e its mean router probability; 1 when balanced) is summed over the blocks,
-  multiplied by ``aux_loss_weight`` and added to the loss the model returns when it returns one (called with
-  labels); ``model.vwn_widenet.last_losses`` holds both parts of the last forward.
+  multiplied by ``aux_loss_weight`` and added to the loss the model returns in training mode when it returns one
+  (called with labels); ``model.vwn_widenet.last_losses`` holds both parts of the last forward (evaluation losses
+  stay plain). Under reentrant activation checkpointing the balancing loss has no gradient (its forward runs
+  without grad); non-reentrant checkpointing (transformers' default) is fine.
 
 The top-k weights are ``p_i / stopgrad(sum of the selected p)``: their values are the renormalized probabilities
 (so identical experts give exactly the FFN), and their gradient reaches the router also at ``top_k=1``, where a
@@ -39,7 +41,7 @@ from torch import nn
 
 from .config import UnsupportedModelError
 from .ffn import (FFNSite, add_to_loss, check_plain, check_preserved, deep_copy_unless, float_in, locate_ffns,
-                  positive_int, record_recipe, set_module)
+                  positive_int, record_recipe, returned_loss, set_module)
 
 __all__ = ["WideNetMoE", "WideNetPlan", "replay_widenet", "widenet", "widenet_plan"]
 
@@ -88,6 +90,8 @@ class WideNetMoE(nn.Module):
             out = self._dense(flat, top_i, weights)
         else:
             out = self._gathered(flat, top_i, weights)
+        if getattr(torch.compiler, "is_exporting", lambda: False)():
+            return out.reshape(x.shape)  # an exported (inference) graph has no balancing loss
         counts = F.one_hot(top_i, self.num_experts).sum(dim=(0, 1)).float()  # [E]: assignments per expert
         fraction = counts / max(top_i.numel(), 1)
         self.last_aux_loss = self.num_experts * (fraction * probs.mean(0)).sum()
@@ -122,6 +126,14 @@ class WideNetMoE(nn.Module):
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}"
 
+    def __getstate__(self):
+        # a deep copy (or pickle) never meets the autograd graph of the last forward's balancing loss (e.g. a
+        # block called outside the model, or recomputed by activation checkpointing after the model hook ran)
+        state = self.__dict__.copy()
+        if isinstance(state.get("last_aux_loss"), torch.Tensor):
+            state["last_aux_loss"] = state["last_aux_loss"].detach()
+        return state
+
 
 class WideNetLoss:
     """The model-level hook (``model.vwn_widenet``): after each forward, sums the blocks' load-balancing losses and
@@ -153,6 +165,11 @@ class WideNetLoss:
             return None
         aux = torch.stack(parts).sum()
         self.last_aux_loss = aux.detach()
+        if not model.training:  # evaluation losses stay the plain loss (the aux value is still recorded)
+            loss = returned_loss(output)
+            self.pending_aux_loss = None
+            self.last_losses = None if loss is None else {"loss": loss.detach(), "aux_loss": aux.detach()}
+            return None
         output, before = add_to_loss(output, self.weight * aux, "widenet")
         self.pending_aux_loss = aux if before is None else None
         self.last_losses = None if before is None else {"loss": before.detach(), "aux_loss": aux.detach()}
