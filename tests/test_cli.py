@@ -362,3 +362,6 @@ def test_demo_trains_the_other_width_transforms(tmp_path, transform):
     else:  # blocks shared from block 0: a different function, and fewer parameters than the baseline's blocks
         assert twin[0] != base[0]
     assert (out / "loss_curves.png").is_file()
+    from vwn_experiments.shakespeare import format_demo_table
+
+    assert f"| {transform} val loss |" in format_demo_table(results)  # not "widened": the twin is named

@@ -633,7 +633,9 @@ def _truncation_results(model: nn.Module, batches: Batches, echo: Callable[[str]
 def format_demo_table(results: dict) -> str:
     lb, lw = results["val_loss"]["baseline"], results["val_loss"]["widened"]
     mtp = results.get("val_mtp_loss")
-    header = "| tokens | baseline val loss | widened val loss | delta |" + (" widened next-2 loss |" if mtp else "")
+    # the VWN twin is "widened"; a WideNet / Adaptive Width twin is named by its transform
+    twin = "widened" if results.get("transform", "vwn") == "vwn" else results.get("transform", "twin")
+    header = f"| tokens | baseline val loss | {twin} val loss | delta |" + (" widened next-2 loss |" if mtp else "")
     lines = [header, "|---:|---:|---:|---:|" + ("---:|" if mtp else "")]
     for i, t in enumerate(results["tokens"]):
         row = f"| {t:,} | {lb[i]:.4f} | {lw[i]:.4f} | {lw[i] - lb[i]:+.4f} |"
@@ -645,9 +647,9 @@ def format_demo_table(results: dict) -> str:
     if results.get("pretrain_steps"):
         lines.append(f"tokens counted from the widening, after {results['pretrain_steps']} steps of baseline "
                      "pretraining (both start there at the same loss)")
-    lines.append(f"final gap (widened - baseline): {results['final_gap']:+.4f} nats/byte")
-    lines.append("token efficiency (tokens the baseline needed for its final loss / tokens the widened model "
-                 f"needed for it): {'%.2fx' % eff if eff is not None else 'not reached (widened never got there)'}")
+    lines.append(f"final gap ({twin} - baseline): {results['final_gap']:+.4f} nats/byte")
+    lines.append(f"token efficiency (tokens the baseline needed for its final loss / tokens the {twin} model "
+                 f"needed for it): {'%.2fx' % eff if eff is not None else f'not reached ({twin} never got there)'}")
     return "\n".join(lines)
 
 
