@@ -157,20 +157,26 @@ def test_widenet_save_pretrained_round_trip(tmp_path, share):
     assert (back.model.layers[1].mlp.router.weight is back.model.layers[0].mlp.router.weight) == share
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_experts=1), "num_experts must be an integer between 2 and 256, got 1"),
-    (dict(num_experts="4"), "num_experts must be an integer"),
-    (dict(num_experts=4, top_k=5), "top_k must be at most num_experts"),
-    (dict(num_experts=4, top_k=0), "top_k must be an integer >= 1"),
-    (dict(share_blocks="yes"), "share_blocks must be True or False"),
-    (dict(aux_loss_weight=-1), r"aux_loss_weight must be in \[0, 1000\]"),
-    (dict(inplace=1), "inplace must be True or False"),
+@pytest.mark.parametrize("transform, kwargs, match", [
+    ("widenet", dict(num_experts=1), "num_experts must be an integer between 2 and 256, got 1"),
+    ("widenet", dict(num_experts="4"), "num_experts must be an integer"),
+    ("widenet", dict(num_experts=4, top_k=5), "top_k must be at most num_experts"),
+    ("widenet", dict(num_experts=4, top_k=0), "top_k must be an integer >= 1"),
+    ("widenet", dict(share_blocks="yes"), "share_blocks must be True or False"),
+    ("widenet", dict(aux_loss_weight=-1), r"aux_loss_weight must be in \[0, 1000\]"),
+    ("widenet", dict(inplace=1), "inplace must be True or False"),
+    ("adaptive_width", dict(quantile=1.0), r"quantile must be in \(0, 1\), got 1.0"),
+    ("adaptive_width", dict(quantile=0), r"quantile must be in \(0, 1\)"),
+    ("adaptive_width", dict(max_width=0.5), r"max_width must be in \[1, 64\], got 0.5"),
+    ("adaptive_width", dict(num_observations=0), "num_observations must be in"),
+    ("adaptive_width", dict(rate_prior=(0.1,)), "rate_prior must be a \\(mean, std\\) pair"),
+    ("adaptive_width", dict(weight_prior_std=-1), "weight_prior_std must be in"),
 ])
-def test_widenet_bad_arguments_are_named_and_leave_the_model_alone(kwargs, match):
+def test_bad_arguments_are_named_and_leave_the_model_alone(transform, kwargs, match):
     model = gpt()
     before = state(model)
     with pytest.raises(ValueError, match=match):
-        vwn_transform.widenet(model, **kwargs)
+        getattr(vwn_transform, transform)(model, **kwargs)
     assert same_state(model, before)
 
 
@@ -295,22 +301,6 @@ def test_adaptive_width_save_pretrained_and_widen_round_trips(tmp_path):
     wide.save_pretrained(tmp_path / "w")
     back = vwn_transform.from_pretrained(tmp_path / "w")
     assert torch.equal(back(x).logits, wide(x).logits)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(quantile=1.0), r"quantile must be in \(0, 1\), got 1.0"),
-    (dict(quantile=0), r"quantile must be in \(0, 1\)"),
-    (dict(max_width=0.5), r"max_width must be in \[1, 64\], got 0.5"),
-    (dict(num_observations=0), "num_observations must be in"),
-    (dict(rate_prior=(0.1,)), "rate_prior must be a \\(mean, std\\) pair"),
-    (dict(weight_prior_std=-1), "weight_prior_std must be in"),
-])
-def test_adaptive_width_bad_arguments(kwargs, match):
-    model = gpt()
-    before = state(model)
-    with pytest.raises(ValueError, match=match):
-        vwn_transform.adaptive_width(model, **kwargs)
-    assert same_state(model, before)
 
 
 def test_adaptive_width_refusals():

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UnsupportedModelError
-from .ffn import (FFNSite, add_to_loss, check_plain, check_preserved, deep_copy_unless, float_in, locate_ffns,
-                  positive_int, record_recipe)
+from .ffn import FFNSite, check_plain, check_preserved, deep_copy_unless, float_in, locate_ffns, record_recipe
+from .training import add_to_loss
 
 __all__ = ["ImportanceScaled", "WidthEntry", "adaptive_width", "truncate_width", "width_report"]
 
@@ -229,7 +229,7 @@ class AdaptiveWidthLoss:
         if self.num_observations is None or not model.training:  # evaluation losses stay the plain loss
             return None
         prior = self.prior_loss(model)
-        output, before = add_to_loss(output, prior, "adaptive_width")
+        output, before = add_to_loss(output, prior)
         self.last_losses = None if before is None else {"loss": before.detach(), "prior_loss": prior.detach()}
         return output
 
@@ -275,9 +275,9 @@ def _projections(model: nn.Module, site: FFNSite, hidden: int) -> tuple[list[str
                 f"projection's input width); {name} maps {i} -> {o}{hint}")
     if width < 3:
         raise UnsupportedModelError(f"{site.name} has {width} hidden units; adaptive_width() needs at least 3")
-    projections = {ffn.get_submodule(n) for n in names}
+    inside = {id(m) for n in names for m in ffn.get_submodule(n).modules()}  # the projections and their parts
     for name, mod in ffn.named_modules():
-        if mod in projections or any(mod is p or any(m is mod for m in p.modules()) for p in projections):
+        if id(mod) in inside:
             continue
         for pname, p in mod.named_parameters(recurse=False):
             if width in p.shape:  # a per-hidden-unit parameter (an inner norm, a channel scale) we would not resize
@@ -489,7 +489,7 @@ def truncate_width(model: nn.Module, keep: float = 0.9, *, inplace: bool = False
         True
     """
     from vwn_transform.passes.probe import ExampleInputs, default_example_inputs, primary_output, run_quietly
-    from .widen import _Surgery
+    from .widen import _Surgery, install_recipe
 
     _hook(model, "truncate_width")
     keep = float_in(keep, "keep", 0.0, 1.0, low_open=True)
@@ -517,13 +517,7 @@ def truncate_width(model: nn.Module, keep: float = 0.9, *, inplace: bool = False
                     _resize_units(target.get_submodule(up), "out", kept, op)
                 widths[site["ffn"]] = kept
         after_out = primary_output(run_quietly(target, inputs))
-        new_recipe = _with_capacities(recipe, widths)
-        op.set(target, "vwn_recipe", new_recipe)
-        hf_config = getattr(target, "config", None)
-        if hasattr(hf_config, "to_json_string"):
-            old_config_recipe = hf_config.__dict__.get("vwn_recipe")
-            hf_config.vwn_recipe = new_recipe
-            op.on_undo(lambda: setattr(hf_config, "vwn_recipe", old_config_recipe))
+        install_recipe(target, _with_capacities(recipe, widths), op)
     except BaseException:
         op.rollback()
         raise

@@ -1,6 +1,7 @@
 """What the FFN width transforms (:mod:`~vwn_transform.widenet`, :mod:`~vwn_transform.adaptive_width`) share with
 widen(): the probe and block matching that find each block's feed-forward sublayer, the recipe that save/load
-replays, and the hook that adds a transform's extra loss terms to the loss a model returns.
+replays (built with widen()'s ``recipe_fields``/``install_recipe``), refusals and argument checks. Their extra loss
+terms are added with :func:`vwn_transform.training.add_to_loss`, as MTP's are.
 
 Finding the FFN is structural, not a table of module names: the probe finds the blocks, the block graph pass finds
 their residual updates and the leaf modules each update's branch calls; of those, the FFN is the one non-norm
@@ -14,7 +15,7 @@ import copy
 import dataclasses
 import logging
 import re
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from .lora import peft_module
 from .modules import is_vwn_module
 from vwn_transform.passes.probe import ModelStructure, _restore_training, is_norm_module, probe_model, run_quietly
 
-__all__ = ["FFNSite", "locate_ffns", "add_to_loss", "TRANSFORMS"]
+__all__ = ["FFNSite", "locate_ffns", "TRANSFORMS"]
 
 log = logging.getLogger("vwn_transform")
 
@@ -165,34 +166,6 @@ def locate_ffns(model: nn.Module, example_inputs: Any, who: str, names: list[str
     return structure, sites
 
 
-def returned_loss(output: Any) -> torch.Tensor | None:
-    """The loss a model output carries (see :func:`add_to_loss`), or None."""
-    if isinstance(output, tuple):
-        return next((v for v in output if isinstance(v, torch.Tensor) and v.dim() == 0), None)
-    if hasattr(output, "get"):
-        loss = output.get("loss")
-        return loss if isinstance(loss, torch.Tensor) else None
-    return None
-
-
-def add_to_loss(output: Any, term: torch.Tensor, who: str) -> tuple[Any, torch.Tensor | None]:
-    """``output`` with ``term`` added to the loss it carries (a ``loss`` field of a ModelOutput/dict, or the
-    scalar of a tuple such as nanoGPT's ``(logits, loss)``); ``(output, None)`` when it carries no loss (no
-    labels were given). Returns the new output and the loss before the addition."""
-    if isinstance(output, tuple):
-        idx = next((i for i, v in enumerate(output) if isinstance(v, torch.Tensor) and v.dim() == 0), None)
-        if idx is None:
-            return output, None
-        before = output[idx]
-        return output[:idx] + (before + term.to(before.dtype),) + output[idx + 1:], before
-    if isinstance(output, dict) or hasattr(output, "keys"):
-        before = output.get("loss") if hasattr(output, "get") else None
-        if isinstance(before, torch.Tensor):
-            output["loss"] = before + term.to(before.dtype)
-            return output, before
-    return output, None
-
-
 def set_module(root: nn.Module, path: str, value: nn.Module, op) -> None:
     """Replace the submodule at ``path`` (through ``op``, so a failure later undoes it)."""
     parent, _, attr = path.rpartition(".")
@@ -203,49 +176,19 @@ def record_recipe(model: nn.Module, original_class: str, transform: str, options
                   structure: ModelStructure, inputs_given: bool, op) -> dict:
     """``model.vwn_recipe`` (and ``config.vwn_recipe`` for Hugging Face models) for a width transform: what
     :func:`vwn_transform.load` / :func:`vwn_transform.from_pretrained` replay."""
-    from . import __version__
+    from .widen import install_recipe, recipe_fields
 
-    recipe = {"transform": transform, "options": options, "vwn_transform_version": __version__,
-              "model_class": original_class, "wrapped": wrapped}
-    spec = structure.example_inputs.to_spec() if inputs_given else None
-    if spec is not None:
-        recipe["example_inputs"] = spec
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if isinstance(attn, str):
-        recipe["attn_implementation"] = attn
-    op.set(model, "vwn_recipe", recipe)
-    hf_config = getattr(model, "config", None)
-    if hf_config is not None and hasattr(hf_config, "to_json_string"):
-        had = "vwn_recipe" in hf_config.__dict__
-        old = hf_config.__dict__.get("vwn_recipe")
-        hf_config.vwn_recipe = recipe
-        op.on_undo(lambda: setattr(hf_config, "vwn_recipe", old) if had else delattr(hf_config, "vwn_recipe"))
+    recipe = {"transform": transform, "options": options,
+              **recipe_fields(model, original_class, structure, inputs_given), "wrapped": wrapped}
+    install_recipe(model, recipe, op)
     return recipe
 
 
-def check_preserved(model: nn.Module, structure: ModelStructure, who: str) -> float:
-    """Run the probe input through the transformed model; the max abs difference to the original's output must be
-    within float rounding (raises :class:`UnsupportedModelError` otherwise). Returns the difference."""
-    got = _primary(run_quietly(model, structure.example_inputs))
-    ref = structure.reference_output
-    if got is None or ref is None or not ref.is_floating_point():
-        return 0.0
-    if got.shape != ref.shape:
-        raise UnsupportedModelError(f"{who}(): the transformed model returns shape {tuple(got.shape)} on the probe "
-                                    f"input, the original {tuple(ref.shape)}")
-    tol = (1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2) * (1.0 + float(ref.abs().max()))
-    diff = float((got.float() - ref.float()).abs().max())
-    if not diff <= tol:
-        raise UnsupportedModelError(
-            f"{who}(): the transformed {type(model).__name__} does not reproduce the original output on the probe "
-            f"input (max abs difference {diff:.3g} > {tol:.3g})")
-    return diff
+def check_preserved(model: nn.Module, structure: ModelStructure, who: str) -> None:
+    """The transformed model must reproduce the original's output on the probe input (to float rounding)."""
+    from .widen import check_probe_output
 
-
-def _primary(out):
-    from vwn_transform.passes.probe import primary_output
-
-    return primary_output(out)
+    check_probe_output(model, structure, f"{who}(): the transformed", values=True)
 
 
 def deep_copy_unless(model: nn.Module, inplace: bool) -> nn.Module:
@@ -271,5 +214,3 @@ def float_in(value: Any, name: str, low: float, high: float, *, low_open=False, 
         raise ValueError(f"{name} must be in {lo}{low:g}, {high:g}{hi}, got {value!r}")
     return v
 
-
-LossFn = Callable[[nn.Module], torch.Tensor | None]

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import UnsupportedModelError
 from .modules import SlotRMSNorm
+from .training import add_to_loss
 
 __all__ = ["MTPModule", "attach_mtp"]
 
@@ -151,15 +152,9 @@ class MTPModule(nn.Module):
         future = labels[:, self.shift:]  # [B, T-shift]: token t+2 for position t
         mtp_loss = F.cross_entropy(logits[:, : future.shape[1]].flatten(0, 1).float(), future.flatten(),
                                    ignore_index=self.ignore_index)
-        if isinstance(output, tuple):
-            idx = next((i for i, v in enumerate(output) if isinstance(v, torch.Tensor) and v.dim() == 0), None)
-            if idx is None:
-                raise RuntimeError(f"MTP: {type(module).__name__} returned no scalar loss to add to")
-            next_loss = output[idx]
-            output = output[:idx] + (next_loss + self.weight * mtp_loss,) + output[idx + 1:]
-        else:
-            next_loss = output["loss"]
-            output["loss"] = next_loss + self.weight * mtp_loss
+        output, next_loss = add_to_loss(output, self.weight * mtp_loss)
+        if next_loss is None:
+            raise RuntimeError(f"MTP: {type(module).__name__} returned no scalar loss to add to")
         self.last_losses = {"next_token_loss": next_loss.detach(), "mtp_loss": mtp_loss.detach()}
         return output
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
-__all__ = ["param_groups", "STATIC_GHC_MATRICES"]
+__all__ = ["add_to_loss", "param_groups", "returned_loss", "STATIC_GHC_MATRICES"]
 
 #: parameter names of the static GHC matrices; the paper applies no weight decay to them
 STATIC_GHC_MATRICES = ("read", "carry", "write")
@@ -56,3 +57,29 @@ def param_groups(model: nn.Module, weight_decay: float, *,
             group["params"].append(p)
             group["names"].append(name)
     return list(groups)
+
+
+def returned_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model output carries (see :func:`add_to_loss`), or None."""
+    if isinstance(output, tuple):
+        return next((v for v in output if isinstance(v, torch.Tensor) and v.dim() == 0), None)
+    if hasattr(output, "get"):
+        loss = output.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
+    return None
+
+
+def add_to_loss(output: Any, term: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+    """``output`` with ``term`` added to the loss it carries (a ``loss`` field of a ModelOutput/dict, or the
+    scalar of a tuple such as nanoGPT's ``(logits, loss)``); ``(output, None)`` when it carries no loss (no
+    labels were given). Returns the new output and the loss before the addition."""
+    if isinstance(output, tuple):
+        idx = next((i for i, v in enumerate(output) if isinstance(v, torch.Tensor) and v.dim() == 0), None)
+        if idx is None:
+            return output, None
+        before = output[idx]
+        return output[:idx] + (before + term,) + output[idx + 1:], before
+    before = returned_loss(output)
+    if before is not None:
+        output["loss"] = before + term
+    return output, before

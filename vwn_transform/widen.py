@@ -506,27 +506,35 @@ def _pad_final_output(target: nn.Module, structure: ModelStructure, op: _Surgery
     op.swap(head, SliceInputMixin)
 
 
-def _check_output(target: nn.Module, structure: ModelStructure, cfg: VWNConfig) -> None:
-    """Run the probe inputs through the widened model; with init='preserve' the output must be the original's."""
+def check_probe_output(target: nn.Module, structure: ModelStructure, label: str, values: bool,
+                       hint: str = "") -> None:
+    """Run the probe inputs through a rewritten model: its output must have the original's shape and, when
+    ``values``, the original's values to float rounding; else an :class:`UnsupportedModelError` starting with
+    ``label`` (e.g. "the widened") and ending with ``hint``."""
     got = primary_output(run_quietly(target, structure.example_inputs))
     ref = structure.reference_output
     if got is None or ref is None:
         return
     if got.shape != ref.shape:
         raise UnsupportedModelError(
-            f"the widened {type(target).__name__} returns shape {tuple(got.shape)} on the probe input, the "
+            f"{label} {type(target).__name__} returns shape {tuple(got.shape)} on the probe input, the "
             f"original {tuple(ref.shape)}"
         )
-    if cfg.init != "preserve" or not ref.is_floating_point():
+    if not values or not ref.is_floating_point():
         return
     tol = (1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2) * (1.0 + float(ref.abs().max()))
     diff = float((got.float() - ref.float()).abs().max())
     if not diff <= tol:
         raise UnsupportedModelError(
-            f"the widened {type(target).__name__} does not reproduce the original output on the probe input "
-            f"(max abs difference {diff:.3g} > {tol:.3g}); its model-level code uses the residual stream in a way "
-            "the rewrite does not follow"
+            f"{label} {type(target).__name__} does not reproduce the original output on the probe input "
+            f"(max abs difference {diff:.3g} > {tol:.3g}){hint}"
         )
+
+
+def _check_output(target: nn.Module, structure: ModelStructure, cfg: VWNConfig) -> None:
+    """Run the probe inputs through the widened model; with init='preserve' the output must be the original's."""
+    check_probe_output(target, structure, "the widened", cfg.init == "preserve",
+                       "; its model-level code uses the residual stream in a way the rewrite does not follow")
 
 
 def _hook_model(target: nn.Module, op: _Surgery) -> None:
@@ -551,29 +559,38 @@ def _record_recipe(target: nn.Module, original: nn.Module, structure: ModelStruc
     """``model.vwn_recipe``: what save/load needs to replay widen() (and, for HF models, ``config.vwn_recipe``,
     which ``save_pretrained`` writes into config.json). ``inputs_given``: the user passed example_inputs, whose form
     (shapes, dtypes, keywords) the recipe records so that a replay can probe the model the same way."""
-    from vwn_transform import __version__
-
     wrapped = {"embeddings": list(structure.embeddings) if structure.entry == "embeddings" else [],
                "blocks": [b.name for b in blocks], "final": structure.final, "head": structure.head}
     if structure.entry == "block":
         wrapped["entry"] = structure.first_block  # the stream is widened at this block's input
     if structure.final_kind == "block":
         wrapped["exit"] = structure.last_block  # and reduced at this block's output
-    recipe = {
-        "vwn_config": cfg.to_dict(),
-        "vwn_transform_version": __version__,
-        "model_class": type(original).__name__,
-        "wrapped": wrapped,
-    }
-    spec = structure.example_inputs.to_spec() if inputs_given else None
-    if spec is not None:
-        recipe["example_inputs"] = spec
+    recipe = {"vwn_config": cfg.to_dict(), **recipe_fields(target, type(original).__name__, structure, inputs_given),
+              "wrapped": wrapped}
     before = getattr(original, "vwn_recipe", None)
     if isinstance(before, dict) and before.get("transform"):
         recipe["before"] = before  # widen() of a WideNet / Adaptive Width model: load replays that first
+    install_recipe(target, recipe, op)
+
+
+def recipe_fields(target: nn.Module, original_class: str, structure: ModelStructure, inputs_given: bool) -> dict:
+    """What every recipe records besides its transform: the toolkit version, the original class, the form of
+    the user's example inputs (so a replay probes the model the same way) and the attention implementation."""
+    from vwn_transform import __version__
+
+    fields = {"vwn_transform_version": __version__, "model_class": original_class}
+    spec = structure.example_inputs.to_spec() if inputs_given else None
+    if spec is not None:
+        fields["example_inputs"] = spec
     attn = getattr(getattr(target, "config", None), "_attn_implementation", None)
     if isinstance(attn, str):
-        recipe["attn_implementation"] = attn  # a runtime choice HF does not save; replayed for exact logits
+        fields["attn_implementation"] = attn  # a runtime choice HF does not save; replayed for exact logits
+    return fields
+
+
+def install_recipe(target: nn.Module, recipe: dict, op: _Surgery) -> None:
+    """``target.vwn_recipe = recipe``, and for Hugging Face models ``config.vwn_recipe`` (``save_pretrained``
+    writes it into config.json); both undone through ``op``."""
     op.set(target, "vwn_recipe", recipe)
     hf_config = getattr(target, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_string"):

@@ -29,6 +29,7 @@ fully renormalized weight would be the constant 1.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UnsupportedModelError
-from .ffn import (FFNSite, add_to_loss, check_plain, check_preserved, deep_copy_unless, float_in, locate_ffns,
-                  positive_int, record_recipe, returned_loss, set_module)
+from .ffn import (FFNSite, check_plain, check_preserved, deep_copy_unless, float_in, locate_ffns, positive_int,
+                  record_recipe, set_module)
+from .training import add_to_loss, returned_loss
 
 __all__ = ["WideNetMoE", "WideNetPlan", "replay_widenet", "widenet", "widenet_plan"]
 
@@ -70,8 +72,6 @@ class WideNetMoE(nn.Module):
 
     def __init__(self, ffn: nn.Module, hidden: int, num_experts: int, top_k: int):
         super().__init__()
-        import copy
-
         ref = next((p for p in ffn.parameters() if p.is_floating_point()), None)
         kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
@@ -170,7 +170,7 @@ class WideNetLoss:
             self.pending_aux_loss = None
             self.last_losses = None if loss is None else {"loss": loss.detach(), "aux_loss": aux.detach()}
             return None
-        output, before = add_to_loss(output, self.weight * aux, "widenet")
+        output, before = add_to_loss(output, self.weight * aux)
         self.pending_aux_loss = aux if before is None else None
         self.last_losses = None if before is None else {"loss": before.detach(), "aux_loss": aux.detach()}
         return output
@@ -341,18 +341,14 @@ def replay_widenet(base: nn.Module, recipe: dict, inputs) -> nn.Module:
 
 
 def _widenet(model, num_experts, top_k, share_blocks, aux_loss_weight, inplace, example_inputs, names=None):
-    from .widen import _Surgery
+    from .widen import _Surgery, check_probe_output
 
     start = time.perf_counter()
-    if not isinstance(inplace, bool):
-        raise ValueError(f"inplace must be True or False, got {inplace!r}")
     structure, sites = _analyze(model, num_experts, top_k, share_blocks, aux_loss_weight, example_inputs, names)
     before, after, _ = _count(model, sites, num_experts, top_k, share_blocks, structure.hidden_size)
     target = deep_copy_unless(model, inplace)
     op = _Surgery()
     try:
-        if share_blocks and len(sites) > 1:
-            _check_shareable(target, sites)
         for site in sites:
             moe = WideNetMoE(target.get_submodule(site.name), structure.hidden_size, num_experts, top_k)
             set_module(target, site.name, moe, op)
@@ -368,8 +364,8 @@ def _widenet(model, num_experts, top_k, share_blocks, aux_loss_weight, inplace, 
                    "aux_loss_weight": float(aux_loss_weight)}
         record_recipe(target, type(model).__name__, "widenet", options, {"ffn": [s.name for s in sites]},
                       structure, example_inputs is not None, op)
-        if share_blocks:
-            _run_probe(target, structure)
+        if share_blocks:  # not function-preserving: it must still run and return the original's shape
+            check_probe_output(target, structure, "widenet(): the shared", values=False)
     except BaseException:
         op.rollback()
         raise
@@ -379,10 +375,6 @@ def _widenet(model, num_experts, top_k, share_blocks, aux_loss_weight, inplace, 
              top_k, num_experts, "shared" if share_blocks else "separate", f"{before:,}", f"{after:,}",
              time.perf_counter() - start, num_experts / top_k)
     return target
-
-
-def _check_shareable(model: nn.Module, sites: list[FFNSite]) -> None:
-    _shared_params([(s.block, model.get_submodule(s.block)) for s in sites])
 
 
 def _tie_blocks(model: nn.Module, sites: list[FFNSite], op) -> None:
@@ -401,14 +393,3 @@ def _tie_blocks(model: nn.Module, sites: list[FFNSite], op) -> None:
         mine = {re.escape(path) + "$": f"{first}.{path}" for owner_block, _, _, path, _ in ties
                 if owner_block == name}
         op.set(block, "_tied_weights_keys", {**declared, **mine})
-
-
-def _run_probe(model: nn.Module, structure) -> None:
-    """The shared model must still run on the probe input (not function-preserving, so no value check)."""
-    from vwn_transform.passes.probe import primary_output, run_quietly
-
-    out = primary_output(run_quietly(model, structure.example_inputs))
-    ref = structure.reference_output
-    if out is not None and ref is not None and out.shape != ref.shape:
-        raise UnsupportedModelError(f"widenet(): the shared model returns shape {tuple(out.shape)} on the probe "
-                                    f"input, the original {tuple(ref.shape)}")
