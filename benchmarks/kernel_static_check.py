@@ -73,10 +73,13 @@ def kernel_specs(m: int, n: int, d: int, dtype: str, which: str = "dispatched") 
     runs = {prefix: kernel_id(op, m, n) for prefix, op in (("write_", "write"), ("read_static", "read_static"),
                                                             ("read_dynamic", "read_dynamic"))}
 
-    def dispatched(name: str) -> bool:
-        return any(name.startswith(prefix) and f"[{family}" in name for prefix, family in runs.items())
+    def dispatched(spec: dict) -> bool:
+        # a spec's "ids": the kernel ids it runs under (e.g. one backward behind two forwards), else its name's
+        name, ids = spec["kernel"], spec.get("ids")
+        return any(name.startswith(prefix) and (family in ids if ids else f"[{family}" in name)
+                   for prefix, family in runs.items())
 
-    return [s for s in fma + tc if dispatched(s["kernel"])]
+    return [s for s in fma + tc if dispatched(s)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

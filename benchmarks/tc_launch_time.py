@@ -40,7 +40,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if os.environ.get("VWN_LAUNCH_SMOKE") == "1":  # --smoke: the script itself on the CPU, through the interpreter
     D, CHECK_TOKENS, TIME_TOKENS = 64, 5, 9
 KEY_OP = {"write_fwd": "write", "write_bwd": "write_backward", "read_fwd": "read_static",
-          "read_bwd": "read_static_backward", "dynamic_fwd": "read_dynamic",
+          "read_bwd": "read_static_backward", "dynamic_fwd": "read_dynamic", "dynamic_fwd_batched": "read_dynamic",
           "dynamic_bwd_coef": "read_dynamic_backward", "dynamic_bwd_dh": "read_dynamic_backward",
           "dynamic_bwd_dwg": "read_dynamic_backward"}
 
@@ -51,12 +51,23 @@ def _rel(a, b) -> float:
 
 
 def _with_launch(np_, bf16, key, bd, warps):
-    from vwn_transform.kernels import triton_tc
+    """Set one launch candidate (and, for the dynamic read forward, run the kernel the key names: the per-token
+    ``dynamic_fwd`` or the batched ``dynamic_fwd_batched``); returns the undo."""
+    from vwn_transform.kernels import triton_common, triton_tc
 
     table = triton_tc.LAUNCH[(np_, bf16)]
-    old = table[key]
+    old, per_token = table[key], set(triton_common.PER_TOKEN_DYNAMIC_FWD)
     table[key] = (bd, warps)
-    return lambda: table.__setitem__(key, old)
+    if key == "dynamic_fwd":
+        triton_common.PER_TOKEN_DYNAMIC_FWD.add(np_)
+    elif key == "dynamic_fwd_batched":
+        triton_common.PER_TOKEN_DYNAMIC_FWD.discard(np_)
+
+    def restore():
+        table[key] = old
+        triton_common.PER_TOKEN_DYNAMIC_FWD.clear()
+        triton_common.PER_TOKEN_DYNAMIC_FWD.update(per_token)
+    return restore
 
 
 def child_check(np_, operands, key, candidates) -> None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FMA_GATES", "FMA_MIXING", "MEASURED", "MEASURED_ON", "OPS", "TENSOR_CORE", "Measurement", "auto_choice", "base_op", "kernel_id"]
+__all__ = ["FMA_GATES", "FMA_MIXING", "MEASURED", "MEASURED_ON", "OPS", "TENSOR_CORE", "TENSOR_CORE_BATCHED",
+           "Measurement", "auto_choice", "base_op", "kernel_id"]
 
 MEASURED_ON = "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 2026-11-28"
 
@@ -37,6 +38,9 @@ FMA_GATES = "fma-v2"
 # kernels/triton_tc.py (at NP = 64 its dynamic read forward now reloads the maps per token and runs 4 warps; NP <= 32
 # compiles to the kernel measured)
 TENSOR_CORE = "tc-v1"
+# the tensor-core dynamic read whose forward takes several tokens per program (triton_common.DYNAMIC_FWD_TOKENS;
+# backward as tc-v1)
+TENSOR_CORE_BATCHED = "tc-v2"
 
 
 def kernel_id(op: str, m: int, n: int) -> str:
@@ -44,15 +48,19 @@ def kernel_id(op: str, m: int, n: int) -> str:
     it measured. :data:`FMA_MIXING` / :data:`FMA_GATES`: unrolled FMAs on per-slot tiles
     (``kernels/triton_write_fma.py``, ``kernels/triton_read_fma.py``) for ``m <= n <= FMA_MAX_N`` (the dynamic read
     only where its gate values fit in registers); :data:`TENSOR_CORE`: the tensor-core kernels
-    (``kernels/triton_tc.py``) everywhere else. The write+read of adjacent sublayers is the write then the dynamic
+    (``kernels/triton_tc.py``) everywhere else, :data:`TENSOR_CORE_BATCHED` for their dynamic read where its forward
+    takes several tokens per program. The write+read of adjacent sublayers is the write then the dynamic
     read: ``"<write>+<read>"`` where the two ids differ. (Rows measured before tc-v1/fma-v1 measured the padded
     ``tl.dot`` kernels, "padded-dot-v1", since removed.)"""
-    from .triton_common import fma_dynamic_read_supports, fma_supports
+    from .triton_common import fma_dynamic_read_supports, fma_supports, tc_dynamic_forward_tokens
 
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     mixing = FMA_MIXING if fma_supports(n, m) else TENSOR_CORE
-    gates = FMA_GATES if fma_dynamic_read_supports(n, m) else TENSOR_CORE
+    if fma_dynamic_read_supports(n, m):
+        gates = FMA_GATES
+    else:
+        gates = TENSOR_CORE_BATCHED if tc_dynamic_forward_tokens(n) > 1 else TENSOR_CORE
     if op in ("write", "read_static"):
         return mixing
     if op == "read_dynamic":

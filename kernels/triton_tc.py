@@ -10,6 +10,11 @@ Per token the mixing is a small matrix product with the slot width as the long s
 * dynamic gates: ``U[n, 2m+n] = H[n, d] wg[d, 2m+n]`` summed over the chunks, then ``1/rms``, the logits and
   ``static + scale * tanh(logit)`` on the ``[n, 2m+n]`` tile in registers.
 
+The dynamic read forward also comes batched ("tc-v2", :func:`_read_dynamic_tc_fwd_batched`): a program takes
+``TB`` tokens at once (``TB * NP`` = 128 state rows per tile), the projection is one ``[TB*NP, BD] @ [BD, *]``
+product per chunk and the read one batched ``[TB, MP, NP] @ [TB, NP, BD]`` product; which forward runs at which
+slot count: ``triton_common.DYNAMIC_FWD_TOKENS`` / ``PER_TOKEN_DYNAMIC_FWD``.
+
 Slot counts are padded to 16 (``NP``, ``MP``: the smallest ``tl.dot`` side) by masked loads, which read nothing
 for the padding; the state is read in its own dtype, never copied to fp32 in HBM.
 
@@ -38,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting, launch_kwargs, pow2,
-                           state_view, write_coefficients)
-from .measured import TENSOR_CORE
+from .triton_common import (DYNAMIC_FWD_TOKENS, contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting,
+                           launch_kwargs, pow2, state_view, tc_dynamic_forward_tokens, write_coefficients)
+from .measured import TENSOR_CORE, TENSOR_CORE_BATCHED
 from .reference import gate_slots
 from .triton_helpers import tanh, to_output
 
@@ -324,6 +329,88 @@ def _read_dynamic_tc_fwd(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, carry_ptr, 
 
 
 @triton.jit
+def _read_dynamic_tc_fwd_batched(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, carry_ptr, write_ptr, stats_ptr, N, d,
+                                 eps, inv_sqrt_d, NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr,
+                                 MP: tl.constexpr, TB: tl.constexpr, BD: tl.constexpr):
+    """The dynamic read forward on ``TB`` tokens at once ("tc-v2"): the same arithmetic as
+    :func:`_read_dynamic_tc_fwd`, but every load, product and store covers the program's ``TB`` tokens together.
+    The per-token kernel walks its tokens one after the other with ``[NP, BD]`` loads (2-4 KB in flight per
+    program), which on the H200 left it latency-bound at 9% of the byte floor at (8, 16); here a chunk of the state
+    is one ``[TB, NP, BD]`` load (``TB * NP`` = 128 rows), the projection one ``[TB*NP, BD] @ [BD, *]`` product
+    (wg read once per program and chunk instead of once per token), and the read one batched ``[TB, MP, NP] @
+    [TB, NP, BD]`` product. The maps are loaded once, after pass 1, when the state tiles are gone."""
+    K: tl.constexpr = 2 * MS + NS
+    pid = tl.program_id(0)
+    tt = tl.arange(0, TB)
+    j = tl.arange(0, NP)
+    i = tl.arange(0, MP)
+    jm, im = j < NS, i < MS
+    tok = pid * TB + tt
+    tm = tok < N
+    t64 = tok.to(tl.int64)
+    h_rows = t64[:, None, None] * (NS * d) + j[None, :, None] * d  # [TB, NP, 1]
+    hm = tm[:, None, None] & jm[None, :, None]
+    # pass 1: U = H wg (three parts, rows = (token, slot)) and the per-slot sum of squares
+    sq = tl.zeros([TB, NP], dtype=tl.float32)
+    u_r = tl.zeros([TB * NP, MP], dtype=tl.float32)
+    u_c = tl.zeros([TB * NP, NP], dtype=tl.float32)
+    u_w = tl.zeros([TB * NP, MP], dtype=tl.float32)
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        dm = dd < d
+        h = tl.load(h_ptr + h_rows + dd[None, None, :], mask=hm & dm[None, None, :], other=0.0)  # [TB, NP, BD]
+        hf = h.to(tl.float32)
+        sq += tl.sum(hf * hf, axis=2)
+        h2 = tl.reshape(h, [TB * NP, BD])  # [TB, NP, BD] -> [TB*NP, BD]: rows (token, slot), row-major
+        wg_r = tl.load(wgt_ptr + i[None, :] * d + dd[:, None], mask=dm[:, None] & im[None, :], other=0.0)
+        wg_c = tl.load(wgt_ptr + (MS + j[None, :]) * d + dd[:, None], mask=dm[:, None] & jm[None, :], other=0.0)
+        wg_w = tl.load(wgt_ptr + (MS + NS + i[None, :]) * d + dd[:, None], mask=dm[:, None] & im[None, :],
+                       other=0.0)
+        u_r = _coef_data(wg_r, h2, u_r, 3, False)  # [TB*NP, BD] @ [BD, MP]
+        u_c = _coef_data(wg_c, h2, u_c, 3, False)
+        u_w = _coef_data(wg_w, h2, u_w, 3, False)
+    inv_rms = 1.0 / tl.sqrt(sq / d + eps)  # [TB, NP]
+    f = (inv_rms * inv_sqrt_d)[:, :, None]
+    # [TB*NP, k] -> [TB, NP, k]: back to one row block per token
+    logit_r = tl.reshape(u_r, [TB, NP, MP]) * f
+    logit_c = tl.reshape(u_c, [TB, NP, NP]) * f
+    logit_w = tl.reshape(u_w, [TB, NP, MP]) * f
+    mask_r = hm & im[None, None, :]  # [TB, NP, MP]
+    mask_c = hm & jm[None, None, :]  # [TB, NP, NP]
+    stats_rows = t64[:, None, None] * (NS * (K + 1)) + j[None, :, None] * (K + 1)  # [TB, NP, 1]
+    tl.store(stats_ptr + stats_rows + K, inv_rms[:, :, None], mask=hm)
+    tl.store(stats_ptr + stats_rows + i[None, None, :], logit_r, mask=mask_r)
+    tl.store(stats_ptr + stats_rows + MS + j[None, None, :], logit_c, mask=mask_c)
+    tl.store(stats_ptr + stats_rows + MS + NS + i[None, None, :], logit_w, mask=mask_r)
+    # the [n, K] maps, as [1, NP, *] tiles broadcast over the tokens
+    offs_r = j[None, :, None] * K + i[None, None, :]
+    offs_c = j[None, :, None] * K + MS + j[None, None, :]
+    offs_w = j[None, :, None] * K + MS + NS + i[None, None, :]
+    map_r = jm[None, :, None] & im[None, None, :]
+    map_c = jm[None, :, None] & jm[None, None, :]
+    read_c = (tl.load(base_ptr + offs_r, mask=map_r, other=0.0)
+              + tl.load(scale_ptr + offs_r, mask=map_r, other=0.0) * tanh(logit_r))  # [TB, NP, MP], 0 in padding
+    carry_c = (tl.load(base_ptr + offs_c, mask=map_c, other=0.0)
+               + tl.load(scale_ptr + offs_c, mask=map_c, other=0.0) * tanh(logit_c))
+    tl.store(carry_ptr + t64[:, None, None] * (NS * NS) + j[None, :, None] * NS + j[None, None, :], carry_c,
+             mask=mask_c)
+    write_c = (tl.load(base_ptr + offs_w, mask=map_r, other=0.0)
+               + tl.load(scale_ptr + offs_w, mask=map_r, other=0.0) * tanh(logit_w))
+    tl.store(write_ptr + t64[:, None, None] * (NS * MS) + j[None, :, None] * MS + i[None, None, :], write_c,
+             mask=mask_r)
+    # pass 2 (the program's state again, from L2): X = Read^T H, one batched product per chunk
+    read_t = tl.trans(read_c, (0, 2, 1))  # [TB, MP, NP]
+    x_rows = t64[:, None, None] * (MS * d) + i[None, :, None] * d  # [TB, MP, 1]
+    xm = tm[:, None, None] & im[None, :, None]
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        dm = (dd < d)[None, None, :]
+        h = tl.load(h_ptr + h_rows + dd[None, None, :], mask=hm & dm, other=0.0)  # [TB, NP, BD]
+        x = _coef_data(read_t, h, tl.zeros([TB, MP, BD], dtype=tl.float32), 2, True)  # [TB, MP, BD]
+        tl.store(x_ptr + x_rows + dd[None, None, :], to_output(x, x_ptr), mask=xm & dm)
+
+
+@triton.jit
 def _read_dynamic_tc_bwd_coef(h_ptr, gx_ptr, gcarry_ptr, gwrite_ptr, stats_ptr, base_ptr, scale_ptr, readc_ptr,
                               gu_ptr, rowscale_ptr, gstatic_ptr, gscales_ptr, N, d, inv_sqrt_d,
                               NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
@@ -470,22 +557,22 @@ DYNAMIC_FWD_WARPS = 4
 LAUNCH = {
     (16, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
-                 "dynamic_bwd_dwg": (256, 4)},
+                 "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 4)},
     (16, False): {"write_fwd": (256, 4), "write_bwd": (32, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
                   "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                  "dynamic_bwd_dwg": (128, 4)},
+                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 4)},
     (32, True): {"write_fwd": (256, 4), "write_bwd": (64, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
-                 "dynamic_bwd_dwg": (128, 4)},
+                 "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 4)},
     (32, False): {"write_fwd": (128, 4), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
                   "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                  "dynamic_bwd_dwg": (128, 4)},
+                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8)},
     (64, True): {"write_fwd": (128, 4), "write_bwd": (128, 4), "read_fwd": (128, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
-                 "dynamic_bwd_dwg": (64, 4)},
+                 "dynamic_bwd_dwg": (64, 4), "dynamic_fwd_batched": (64, 4)},
     (64, False): {"write_fwd": (64, 4), "write_bwd": (32, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
                   "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
-                  "dynamic_bwd_dwg": (64, 8)},
+                  "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8)},
 }
 LAUNCH_KEYS = tuple(LAUNCH[(64, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
 
@@ -581,7 +668,8 @@ def read_static_backward(h, read, grad_x):
 
 
 def read_dynamic(h, norm_weight, proj, gates, scales, eps):
-    """:func:`kernels.reference.read_dynamic` on tensor cores: ``(x, carry_c, write_c, stats)``."""
+    """:func:`kernels.reference.read_dynamic` on tensor cores: ``(x, carry_c, write_c, stats)``; the batched forward
+    where ``triton_common.DYNAMIC_FWD_TOKENS`` takes several tokens per program, else the per-token one."""
     n, m = gate_slots(gates)
     h, N, d = state_view(h, n, m)
     K = 2 * m + n
@@ -591,10 +679,16 @@ def read_dynamic(h, norm_weight, proj, gates, scales, eps):
     write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
     stats = torch.empty((N, n, K + 1), device=h.device, dtype=torch.float32)
     if N:
-        cfg = configs(n, m, d, h.dtype == torch.bfloat16)["dynamic_fwd"]
-        _read_dynamic_tc_fwd[(_programs(N, cfg["TPP"]),)](
-            h, wgt, base, scales, x, carry_c, write_c, stats, N, d, float(eps), 1.0 / math.sqrt(max(d, 1)),
-            **_pads(n, m), **launch_kwargs(cfg))
+        tokens = tc_dynamic_forward_tokens(n)
+        args = (h, wgt, base, scales, x, carry_c, write_c, stats, N, d, float(eps), 1.0 / math.sqrt(max(d, 1)))
+        if tokens > 1:
+            cfg = {k: v for k, v in configs(n, m, d, h.dtype == torch.bfloat16)["dynamic_fwd_batched"].items()
+                   if k != "TPP"}
+            _read_dynamic_tc_fwd_batched[(_programs(N, tokens),)](*args, **_pads(n, m), TB=tokens,
+                                                                   **launch_kwargs(cfg))
+        else:
+            cfg = configs(n, m, d, h.dtype == torch.bfloat16)["dynamic_fwd"]
+            _read_dynamic_tc_fwd[(_programs(N, cfg["TPP"]),)](*args, **_pads(n, m), **launch_kwargs(cfg))
     return x, carry_c, write_c, stats
 
 
@@ -660,9 +754,16 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
 
     def spec(name, fn, args, which, **constexprs):
         c = cfg[which]
-        sizes = dict(BD=c["BD"]) if which in ("dynamic_bwd_dh", "dynamic_bwd_dwg") else dict(TPP=c["TPP"], BD=c["BD"])
+        if which in ("dynamic_bwd_dh", "dynamic_bwd_dwg"):
+            sizes = dict(BD=c["BD"])
+        elif which == "dynamic_fwd_batched":  # compiled at every NP, also where the per-token kernel runs now
+            sizes = dict(BD=c["BD"], TB=DYNAMIC_FWD_TOKENS[pads["NP"]])
+        else:
+            sizes = dict(TPP=c["TPP"], BD=c["BD"])
+        # ids: the kernel_id()s under which the launchers run it (the dynamic read's backward serves both forwards)
+        ids = {KERNEL_ID, TENSOR_CORE_BATCHED} if which.startswith("dynamic_bwd") else {KERNEL_ID}
         return dict(kernel=f"{name}[{KERNEL_ID}]", fn=fn, args=args, constexprs=dict(**pads, **sizes, **constexprs),
-                    num_warps=c["num_warps"], num_stages=c["num_stages"], launch=which)
+                    num_warps=c["num_warps"], num_stages=c["num_stages"], launch=which, ids=ids)
 
     specs = []
     for static in (False, True):
@@ -681,6 +782,10 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
         spec("read_dynamic_fwd", _read_dynamic_tc_fwd,
              dict(h_ptr=ptr, wgt_ptr=f32, base_ptr=f32, scale_ptr=f32, x_ptr=ptr, carry_ptr=f32, write_ptr=f32,
                   stats_ptr=f32, N=16384, d=d, eps=1e-6, inv_sqrt_d=0.03), "dynamic_fwd"),
+        dict(spec("read_dynamic_fwd_batched", _read_dynamic_tc_fwd_batched,
+                  dict(h_ptr=ptr, wgt_ptr=f32, base_ptr=f32, scale_ptr=f32, x_ptr=ptr, carry_ptr=f32, write_ptr=f32,
+                       stats_ptr=f32, N=16384, d=d, eps=1e-6, inv_sqrt_d=0.03), "dynamic_fwd_batched"),
+             kernel=f"read_dynamic_fwd_batched[{TENSOR_CORE_BATCHED}]", ids={TENSOR_CORE_BATCHED}),
         spec("read_dynamic_bwd_coef", _read_dynamic_tc_bwd_coef,
              dict(h_ptr=ptr, gx_ptr=ptr, gcarry_ptr=f32, gwrite_ptr=f32, stats_ptr=f32, base_ptr=f32, scale_ptr=f32,
                   readc_ptr=f32, gu_ptr=f32, rowscale_ptr=f32, gstatic_ptr=f32, gscales_ptr=f32, N=16384,
