@@ -19,6 +19,8 @@ Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
 * ``e2e`` (90): Llama D=2048, 4 layers, batch 4 x 2048, bf16, AdamW, eager: baseline, r=1.5 (2,3), r=4 (2,8),
   r=8 (8,64), each widened model with the reference ops and with ours: step ms (median of 5 after 2 warm-up),
   overhead vs the baseline measured in the same stage, peak GiB.
+* ``profile`` (45): one profiled training step of the baseline and of r=1.5 (2,3) with ours, device time per
+  kernel name, sorted by what the widened step adds: where the overhead goes (the top rows in the summary).
 * ``compiled`` (150): the same step under ``torch.compile`` for the baseline (inductor) and r=1.5 (reference and
   ours, each under inductor and under ``backend="vwn"``).
 
@@ -52,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # and passes/ subpackages, which the install maps in.
 sys.path.insert(0, HERE)
 
-STAGES = {"env": 30, "parity": 90, "kernels": 100, "e2e": 90, "compiled": 150}
+STAGES = {"env": 30, "parity": 90, "kernels": 100, "e2e": 90, "profile": 45, "compiled": 150}
 FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(1, 4), (2, 3),
             (8, 16), (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
 SMOKE = dict(tokens=(1, 33), D=48, slots=[(1, 4), (2, 3)], parity_slots=[(2, 3), (1, 4)],
@@ -347,6 +349,68 @@ def _steps(args, compiled: bool) -> dict:
     return dict(rows=rows, shape=e2e)  # overheads against the baseline: summary()
 
 
+def stage_profile(args) -> dict:
+    """Where a widened step's extra time goes: one profiled training step (after 2 warm-up steps) of the baseline
+    and of r=1.5 (2,3) with our kernels, device time summed per kernel name; rows sorted by widened minus
+    baseline, so the top rows are the overhead (GHC kernels, small parameter ops, copies)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import vwn_transform
+    from vwn_transform import ops
+
+    sizes, device = _sizes(args), _device()
+    e2e = sizes["e2e"]
+    ids = torch.randint(0, e2e["vocab"], (e2e["batch"], e2e["seq"]), device=device)
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    per_model = {}
+    for name, ratio, impl in (("baseline", None, "-"), ("r=1.5 (2,3)", 1.5, "triton")):
+        base = _llama(e2e, device)
+        model = base if ratio is None else vwn_transform.widen(base, ratio)
+        del base
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ops.set_impl(None if impl == "-" else impl)
+        try:
+            for _ in range(2):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=[activity]) as prof:
+                step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+        finally:
+            ops.set_impl(None)
+        kernels = {}
+        for ev in prof.key_averages():
+            if device == "cuda":
+                us = getattr(ev, "self_device_time_total", None)
+                us = ev.self_cuda_time_total if us is None else us
+            else:
+                us = ev.self_cpu_time_total
+            if us > 0:
+                kernels[ev.key] = (us / 1e3, ev.count)
+        per_model[name] = kernels
+        del model, opt
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    base, wide = per_model["baseline"], per_model["r=1.5 (2,3)"]
+    rows = Rows()
+    for key in sorted(set(base) | set(wide), key=lambda k: -(wide.get(k, (0, 0))[0] - base.get(k, (0, 0))[0])):
+        (b_ms, b_n), (w_ms, w_n) = base.get(key, (0.0, 0)), wide.get(key, (0.0, 0))
+        rows.append(dict(kernel=key[:120], baseline_ms=b_ms, widened_ms=w_ms, delta_ms=w_ms - b_ms,
+                         baseline_calls=b_n, widened_calls=w_n))
+    totals = {name: sum(ms for ms, _ in k.values()) for name, k in per_model.items()}
+    calls = {name: sum(n for _, n in k.values()) for name, k in per_model.items()}
+    return dict(rows=rows, device_ms=totals, calls=calls, shape=e2e)
+
+
 def _wanted(args, ratio) -> bool:
     """``--ratios``: the e2e models to run (1 = the baseline, always run when it is listed or no list is given)."""
     if not args.ratios:
@@ -401,6 +465,15 @@ def summary(out: str, results: dict) -> str:
             overhead = f"{100 * (r['step_ms'] / base - 1):+.1f}%" if base else "-"
             lines.append(f"| {r['model']} | {r['impl']} | {r['compiled']} | {r['step_ms']:.1f} | "
                          f"{overhead} | {r['peak_gib']:.2f} | {ran or '-'} |")
+    prof = results.get("profile", {})
+    if prof.get("rows") and "device_ms" in prof:
+        total, calls = prof["device_ms"], prof["calls"]
+        lines += ["", "profiled step, device ms (calls): " + ", ".join(
+            f"{name} {ms:.1f} ({calls.get(name, 0)})" for name, ms in total.items()),
+            "", "| what r=1.5 adds: kernel | baseline ms (calls) | widened ms (calls) | delta ms |",
+            "|---|---:|---:|---:|"]
+        lines += [f"| {r['kernel'][:70]} | {r['baseline_ms']:.2f} ({r['baseline_calls']}) | {r['widened_ms']:.2f} "
+                  f"({r['widened_calls']}) | {r['delta_ms']:+.2f} |" for r in prof["rows"][:15]]
     return "\n".join(lines) + "\n"
 
 
