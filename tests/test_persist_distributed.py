@@ -156,10 +156,19 @@ def test_block_activation_checkpointing_matches_plain_backward():
 # ------------------------------------------------------------------------------------------------------------
 # DDP and FSDP2 under torchrun (gloo, 2 processes) vs one process on the same global batch
 # ------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    # a port no other run holds now (pytest-xdist runs two of these tests at once)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _train(tmp_path, name, *extra, nproc=None):
     out = tmp_path / f"{name}.pt"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29500 + os.getpid() % 1000)] if nproc else [sys.executable]
+                "--master_port", str(_free_port())] if nproc else [sys.executable]
     proc = subprocess.run([*launcher, str(ROOT / "examples" / "train_fsdp.py"), "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stderr[-3000:]
