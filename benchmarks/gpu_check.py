@@ -13,8 +13,9 @@ Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
 * ``kernels`` (100): per op and (m, n) in (1,4), (2,3), (8,16), (8,64) at D=2048, 16384 tokens, bf16: eager
   reference and ours (``--inductor``: also the inductor-compiled reference), forward and forward+backward ms
   (``triton.testing.do_bench`` median), GB/s and % of the byte floor at the measured copy bandwidth, and the
-  kernel id that ran. Where the tensor-core dynamic read runs its per-token forward ("tc-v1"), the batched one
-  ("tc-v2") is checked (parity) and timed (kernels) beside it, same process and inputs (``--no-batched-ab``: not).
+  kernel id that ran. Where the tensor-core write and dynamic read run their per-token kernels ("tc-v1"), the
+  batched ones ("tc-v2") are checked (parity) and timed (kernels) beside them, same process and inputs
+  (``--no-batched-ab``: not).
   With ``liger_kernel`` importable, its mHC pre/post at n=4 as an anchor row.
 * ``e2e`` (90): Llama D=2048, 4 layers, batch 4 x 2048, bf16, AdamW, eager: baseline, r=1.5 (2,3), r=4 (2,8),
   r=8 (8,64), each widened model with the reference ops and with ours: step ms (median of 5 after 2 warm-up),
@@ -124,27 +125,31 @@ def _op_outputs(lib, case, cast):
     }
 
 
-def _per_token_tc_forward(m: int, n: int) -> bool:
-    """The tensor-core dynamic read at (m, n) runs its per-token forward ("tc-v1"), so the batched one ("tc-v2") is
-    checked and timed beside it (``--no-batched-ab``: not)."""
-    from vwn_transform.kernels.triton_common import fma_dynamic_read_supports, tc_dynamic_forward_tokens
-
-    return not fma_dynamic_read_supports(n, m) and tc_dynamic_forward_tokens(n) == 1
+# the ops whose tensor-core kernels come batched ("tc-v2"): checked and timed beside the per-token ones
+BATCHED_OPS = ("read_dynamic", "write", "write_bwd", "write_read_dynamic", "write_read_dynamic_bwd")
 
 
-class batched_forward:
-    """Within: the tensor-core dynamic read forward takes its batched kernel at every slot count."""
+def _per_token_tc(m: int, n: int) -> bool:
+    """(m, n) runs the per-token tensor-core kernels ("tc-v1") where batched ones exist, so those ("tc-v2") are
+    checked and timed beside them (``--no-batched-ab``: not)."""
+    from vwn_transform.kernels.triton_common import fma_supports, tc_batched_tokens
+
+    return not fma_supports(n, m) and tc_batched_tokens(n) == 1
+
+
+class batched_tc:
+    """Within: the tensor-core write and dynamic read take their batched kernels at every slot count."""
 
     def __enter__(self):
-        from vwn_transform.kernels.triton_common import PER_TOKEN_DYNAMIC_FWD
+        from vwn_transform.kernels.triton_common import PER_TOKEN_TC
 
-        self.saved = set(PER_TOKEN_DYNAMIC_FWD)
-        PER_TOKEN_DYNAMIC_FWD.clear()
+        self.saved = set(PER_TOKEN_TC)
+        PER_TOKEN_TC.clear()
 
     def __exit__(self, *exc):
-        from vwn_transform.kernels.triton_common import PER_TOKEN_DYNAMIC_FWD
+        from vwn_transform.kernels.triton_common import PER_TOKEN_TC
 
-        PER_TOKEN_DYNAMIC_FWD.update(self.saved)
+        PER_TOKEN_TC.update(self.saved)
 
 
 def stage_parity(args) -> dict:
@@ -177,16 +182,17 @@ def stage_parity(args) -> dict:
                     continue
                 want = _op_outputs(ref, case, lambda t: t)
                 exact = _op_outputs(ref, case, lambda t: t.double())
-                if args.batched_ab and _per_token_tc_forward(m, n):
+                if args.batched_ab and _per_token_tc(m, n):
                     try:
-                        with batched_forward():
-                            got["read_dynamic[tc-v2]"] = tri.read_dynamic(h, *P, 1e-6)
+                        with batched_tc():
+                            batched = _op_outputs(tri, case, lambda t: t)
                     except Exception as e:  # noqa: BLE001
-                        rows.append(dict(op="read_dynamic[tc-v2]", m=m, n=n, dtype=str(dtype), N=N, ok=False,
+                        rows.append(dict(op="*[tc-v2]", m=m, n=n, dtype=str(dtype), N=N, ok=False,
                                          error=repr(e)[:300]))
                     else:
-                        want["read_dynamic[tc-v2]"], exact["read_dynamic[tc-v2]"] = want["read_dynamic"], exact[
-                            "read_dynamic"]
+                        for op in BATCHED_OPS:
+                            got[f"{op}[tc-v2]"] = batched[op]
+                            want[f"{op}[tc-v2]"], exact[f"{op}[tc-v2]"] = want[op], exact[op]
                 for op in want:
                     worst, limit_worst, ok, errs = 0.0, 0.0, True, []
                     for a, w, e in zip(got[op], want[op], exact[op]):
@@ -245,10 +251,10 @@ def stage_kernels(args) -> dict:
                                  fwd_bwd_ms=ms_f + ms_b, fwd_gbs=bytes_f / (ms_f * 1e-3) / 1e9,
                                  fwd_floor_pct=100 * floor_f / ms_f, fwd_bwd_floor_pct=100 * floor_fb / (ms_f + ms_b),
                                  kernel=kernel_id(op, m, n) if impl == "triton" else ""))
-            if args.batched_ab and op in ("read_dynamic", "write_read_dynamic") and _per_token_tc_forward(m, n):
+            if args.batched_ab and op in BATCHED_OPS and _per_token_tc(m, n):
                 # the batched forward beside the per-token one, same process, same inputs (benchmarks/NOTES.md)
                 try:
-                    with batched_forward():
+                    with batched_tc():
                         ms_f, ms_b = bench(lambda: fwd(tri)), bench(lambda: bwd(tri))
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(op=op, m=m, n=n, impl="triton-batched", error=repr(e)[:300]))
@@ -257,7 +263,7 @@ def stage_kernels(args) -> dict:
                 rows.append(dict(op=op, m=m, n=n, D=sizes["D"], tokens=N, impl="triton-batched", fwd_ms=ms_f,
                                  fwd_bwd_ms=ms_f + ms_b, fwd_gbs=bytes_f / (ms_f * 1e-3) / 1e9,
                                  fwd_floor_pct=100 * floor_f / ms_f, fwd_bwd_floor_pct=100 * floor_fb / (ms_f + ms_b),
-                                 kernel="tc-v2" if op == "read_dynamic" else "tc-v1+tc-v2"))
+                                 kernel="tc-v2"))
     rows += _liger_anchor(args, bench, device)
     return dict(rows=rows, copy_gbs=bandwidth / 1e9)
 
@@ -555,8 +561,8 @@ def main(argv=None) -> int:
                          'e.g. "reference,auto")')
     ap.add_argument("--no-results-md", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--no-batched-ab", dest="batched_ab", action="store_false",
-                    help="parity/kernels: skip the batched tensor-core dynamic read forward ('tc-v2') beside the "
-                         "per-token one where the latter runs")
+                    help="parity/kernels: skip the batched tensor-core kernels ('tc-v2') beside the "
+                         "per-token ones where those run")
     ap.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
                     help=f"override a stage's timeout (defaults: {STAGES})")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process

@@ -41,6 +41,7 @@ if os.environ.get("VWN_LAUNCH_SMOKE") == "1":  # --smoke: the script itself on t
     D, CHECK_TOKENS, TIME_TOKENS = 64, 5, 9
 KEY_OP = {"write_fwd": "write", "write_bwd": "write_backward", "read_fwd": "read_static",
           "read_bwd": "read_static_backward", "dynamic_fwd": "read_dynamic", "dynamic_fwd_batched": "read_dynamic",
+          "write_fwd_batched": "write", "write_bwd_batched": "write_backward",
           "dynamic_bwd_coef": "read_dynamic_backward", "dynamic_bwd_dh": "read_dynamic_backward",
           "dynamic_bwd_dwg": "read_dynamic_backward"}
 
@@ -56,17 +57,17 @@ def _with_launch(np_, bf16, key, bd, warps):
     from vwn_transform.kernels import triton_common, triton_tc
 
     table = triton_tc.LAUNCH[(np_, bf16)]
-    old, per_token = table[key], set(triton_common.PER_TOKEN_DYNAMIC_FWD)
+    old, per_token = table[key], set(triton_common.PER_TOKEN_TC)
     table[key] = (bd, warps)
-    if key == "dynamic_fwd":
-        triton_common.PER_TOKEN_DYNAMIC_FWD.add(np_)
-    elif key == "dynamic_fwd_batched":
-        triton_common.PER_TOKEN_DYNAMIC_FWD.discard(np_)
+    if key.endswith("_batched"):  # the batched kernels ("tc-v2")
+        triton_common.PER_TOKEN_TC.discard(np_)
+    elif key in ("write_fwd", "write_bwd", "dynamic_fwd"):  # the per-token ones they replace
+        triton_common.PER_TOKEN_TC.add(np_)
 
     def restore():
         table[key] = old
-        triton_common.PER_TOKEN_DYNAMIC_FWD.clear()
-        triton_common.PER_TOKEN_DYNAMIC_FWD.update(per_token)
+        triton_common.PER_TOKEN_TC.clear()
+        triton_common.PER_TOKEN_TC.update(per_token)
     return restore
 
 
@@ -223,7 +224,10 @@ def main(argv=None) -> int:
         ap.error(f"--key {bad}: expected some of {list(KEY_OP)}")
     groups = [(np_, ops) for np_ in args.np or sorted(SHAPES) for ops in args.operands or ("bf16", "fp32")]
     t0 = time.time()
-    rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys], args.timeout, args.out)
+    # the batched write backward is not launched above WRITE_BWD_BATCHED_MAX_NP (the per-token one runs there)
+    launched = lambda np_, k: k != "write_bwd_batched" or np_ <= triton_tc.WRITE_BWD_BATCHED_MAX_NP  # noqa: E731
+    rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys if launched(np_, k)], args.timeout,
+                     args.out)
     print(f"[tc_launch_time] check phase: {len(rows)} candidates in {time.time() - t0:.0f} s", flush=True)
     timed = []
     for np_, ops in groups:

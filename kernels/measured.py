@@ -38,8 +38,8 @@ FMA_GATES = "fma-v2"
 # kernels/triton_tc.py (at NP = 64 its dynamic read forward now reloads the maps per token and runs 4 warps; NP <= 32
 # compiles to the kernel measured)
 TENSOR_CORE = "tc-v1"
-# the tensor-core dynamic read whose forward takes several tokens per program (triton_common.DYNAMIC_FWD_TOKENS;
-# backward as tc-v1)
+# the batched tensor-core kernels (several tokens per program, triton_common.BATCHED_TOKENS): the write + carry
+# forward and backward, and the dynamic read forward (its backward is tc-v1's)
 TENSOR_CORE_BATCHED = "tc-v2"
 
 
@@ -48,20 +48,20 @@ def kernel_id(op: str, m: int, n: int) -> str:
     it measured. :data:`FMA_MIXING` / :data:`FMA_GATES`: unrolled FMAs on per-slot tiles
     (``kernels/triton_write_fma.py``, ``kernels/triton_read_fma.py``) for ``m <= n <= FMA_MAX_N`` (the dynamic read
     only where its gate values fit in registers); :data:`TENSOR_CORE`: the tensor-core kernels
-    (``kernels/triton_tc.py``) everywhere else, :data:`TENSOR_CORE_BATCHED` for their dynamic read where its forward
-    takes several tokens per program. The write+read of adjacent sublayers is the write then the dynamic
+    (``kernels/triton_tc.py``) everywhere else, :data:`TENSOR_CORE_BATCHED` for their write and dynamic read where
+    those take several tokens per program. The write+read of adjacent sublayers is the write then the dynamic
     read: ``"<write>+<read>"`` where the two ids differ. (Rows measured before tc-v1/fma-v1 measured the padded
     ``tl.dot`` kernels, "padded-dot-v1", since removed.)"""
-    from .triton_common import fma_dynamic_read_supports, fma_supports, tc_dynamic_forward_tokens
+    from .triton_common import fma_dynamic_read_supports, fma_supports, tc_batched_tokens
 
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    mixing = FMA_MIXING if fma_supports(n, m) else TENSOR_CORE
-    if fma_dynamic_read_supports(n, m):
-        gates = FMA_GATES
-    else:
-        gates = TENSOR_CORE_BATCHED if tc_dynamic_forward_tokens(n) > 1 else TENSOR_CORE
-    if op in ("write", "read_static"):
+    tensor_core = TENSOR_CORE_BATCHED if tc_batched_tokens(n) > 1 else TENSOR_CORE  # write, dynamic read
+    mixing = FMA_MIXING if fma_supports(n, m) else tensor_core
+    gates = FMA_GATES if fma_dynamic_read_supports(n, m) else tensor_core
+    if op == "read_static":
+        return FMA_MIXING if fma_supports(n, m) else TENSOR_CORE
+    if op == "write":
         return mixing
     if op == "read_dynamic":
         return gates

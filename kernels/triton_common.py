@@ -38,20 +38,21 @@ def fma_dynamic_read_supports(n: int, m: int) -> bool:
     return fma_supports(n, m) and n * (2 * m + n) <= DYNAMIC_MAX_GATES
 
 
-# The tensor-core dynamic read forward (``triton_tc``) in two kernels: the batched one ("tc-v2") takes
-# DYNAMIC_FWD_TOKENS[NP] tokens per program as ``[TB, NP, BD]`` tiles (TB * NP = 128 state rows), the per-token one
-# ("tc-v1") walks 8 tokens one after the other. The per-token one stays where the H200 measured it faster than the
-# reference (kernels/measured.py): NP = 16, until the batched one is measured against it there (benchmarks/NOTES.md,
-# "Batched tensor-core dynamic read forward").
-DYNAMIC_FWD_TOKENS = {16: 8, 32: 4, 64: 2}
-PER_TOKEN_DYNAMIC_FWD = {16}
+# The tensor-core kernels (``triton_tc``) in two generations: "tc-v1" walks a program's tokens one after the other
+# with ``[NP, BD]`` tiles; "tc-v2" (batched) takes BATCHED_TOKENS[NP] tokens at once as ``[TB, NP, BD]`` tiles (TB *
+# NP = 128 state rows per tile): the write + carry forward and backward and the dynamic read forward so far. The
+# per-token kernels stay at the padded slot counts in PER_TOKEN_TC, where the H200 measured them faster than the
+# reference (kernels/measured.py), until the batched ones are measured beside them there (benchmarks/gpu_check.py
+# does both; benchmarks/NOTES.md, "Batched tensor-core kernels").
+BATCHED_TOKENS = {16: 8, 32: 4, 64: 2}
+PER_TOKEN_TC = {16}
 
 
-def tc_dynamic_forward_tokens(n: int) -> int:
-    """Tokens per program of the batched tensor-core dynamic read forward at ``n`` slots, or 1 where the per-token
-    kernel runs (:data:`PER_TOKEN_DYNAMIC_FWD`)."""
+def tc_batched_tokens(n: int) -> int:
+    """Tokens per program of the batched tensor-core kernels at ``n`` slots, or 1 where the per-token kernels run
+    (:data:`PER_TOKEN_TC`)."""
     np_ = pow2(n)
-    return 1 if np_ in PER_TOKEN_DYNAMIC_FWD else DYNAMIC_FWD_TOKENS[np_]
+    return 1 if np_ in PER_TOKEN_TC else BATCHED_TOKENS[np_]
 
 
 def interpreting() -> bool:

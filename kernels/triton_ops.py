@@ -7,7 +7,7 @@ Which kernels serve an op at (m, n) (``kernels.measured.kernel_id`` names them):
   (``triton_write_fma``), the static read (``triton_read_fma``) and, where its gate values fit in registers
   (``triton_read_fma.supports_dynamic``), the dynamic read;
 * the tensor-core kernels ("tc-v1", ``triton_tc``) everywhere else (m <= 16, n <= 64); their dynamic read runs a
-  batched forward ("tc-v2") where ``triton_common.tc_dynamic_forward_tokens`` says so.
+  batched forward ("tc-v2") where ``triton_common.tc_batched_tokens`` says so.
 
 The write+read of adjacent sublayers is the write followed by the dynamic read, each from its family; its
 backward adds the incoming ``dL/dH'`` inside the read's backward (no extra state-sized pass), then runs the

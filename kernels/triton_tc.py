@@ -13,7 +13,7 @@ Per token the mixing is a small matrix product with the slot width as the long s
 The dynamic read forward also comes batched ("tc-v2", :func:`_read_dynamic_tc_fwd_batched`): a program takes
 ``TB`` tokens at once (``TB * NP`` = 128 state rows per tile), the projection is one ``[TB*NP, BD] @ [BD, *]``
 product per chunk and the read one batched ``[TB, MP, NP] @ [TB, NP, BD]`` product; which forward runs at which
-slot count: ``triton_common.DYNAMIC_FWD_TOKENS`` / ``PER_TOKEN_DYNAMIC_FWD``.
+slot count: ``triton_common.BATCHED_TOKENS`` / ``PER_TOKEN_TC``.
 
 Slot counts are padded to 16 (``NP``, ``MP``: the smallest ``tl.dot`` side) by masked loads, which read nothing
 for the padding; the state is read in its own dtype, never copied to fp32 in HBM.
@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (DYNAMIC_FWD_TOKENS, contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting,
-                           launch_kwargs, pow2, state_view, tc_dynamic_forward_tokens, write_coefficients)
+from .triton_common import (BATCHED_TOKENS, contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting,
+                           launch_kwargs, pow2, state_view, tc_batched_tokens, write_coefficients)
 from .measured import TENSOR_CORE, TENSOR_CORE_BATCHED
 from .reference import gate_slots
 from .triton_helpers import tanh, to_output
@@ -195,6 +195,106 @@ def _write_tc_bwd(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gca
         pid64 = tl.cast(pid, tl.int64)
         tl.store(gcarry_ptr + pid64 * (NS * NS) + c_offs, g_cc, mask=c_mask)
         tl.store(gwrite_ptr + pid64 * (NS * MS) + j[:, None] * MS + i[None, :], g_wc, mask=jm[:, None] & im[None, :])
+
+
+@triton.jit
+def _write_tc_fwd_batched(h_ptr, z_ptr, carry_ptr, write_ptr, out_ptr, N, d,
+                          NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
+                          STATIC: tl.constexpr, TB: tl.constexpr, BD: tl.constexpr, PARTS: tl.constexpr):
+    """:func:`_write_tc_fwd` on ``TB`` tokens at once ("tc-v2"): ``[TB, NP, BD]`` state tiles, one batched product
+    per coefficient map and chunk (``[TB, NP, NP] @ [TB, NP, BD]``)."""
+    pid = tl.program_id(0)
+    tt = tl.arange(0, TB)
+    j = tl.arange(0, NP)  # slot of H / H'
+    i = tl.arange(0, MP)  # slot of Z
+    jm, im = j < NS, i < MS
+    tok = pid * TB + tt
+    tm = tok < N
+    t64 = tok.to(tl.int64)
+    # Carry^T as [., k, j] (carry[j, k] at j * n + k) and WriteT as [., k, i] (write_c[k, i] at k * m + i)
+    c_offs = j[None, None, :] * NS + j[None, :, None]
+    w_offs = j[None, :, None] * MS + i[None, None, :]
+    c_mask = jm[None, :, None] & jm[None, None, :]
+    w_mask = jm[None, :, None] & im[None, None, :]
+    if STATIC:  # one map for every token
+        carry_t = tl.broadcast_to(tl.load(carry_ptr + c_offs, mask=c_mask, other=0.0), [TB, NP, NP])
+        write_c = tl.broadcast_to(tl.load(write_ptr + w_offs, mask=w_mask, other=0.0), [TB, NP, MP])
+    else:
+        carry_t = tl.load(carry_ptr + t64[:, None, None] * (NS * NS) + c_offs, mask=tm[:, None, None] & c_mask,
+                          other=0.0)  # [TB, NP, NP]
+        write_c = tl.load(write_ptr + t64[:, None, None] * (NS * MS) + w_offs, mask=tm[:, None, None] & w_mask,
+                          other=0.0)  # [TB, NP, MP]
+    h_rows = t64[:, None, None] * (NS * d) + j[None, :, None] * d  # [TB, NP, 1]
+    z_rows = t64[:, None, None] * (MS * d) + i[None, :, None] * d  # [TB, MP, 1]
+    hm = tm[:, None, None] & jm[None, :, None]
+    zm = tm[:, None, None] & im[None, :, None]
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        dm = (dd < d)[None, None, :]
+        h = tl.load(h_ptr + h_rows + dd[None, None, :], mask=hm & dm, other=0.0)  # [TB, NP, BD]
+        z = tl.load(z_ptr + z_rows + dd[None, None, :], mask=zm & dm, other=0.0)  # [TB, MP, BD]
+        acc = _coef_data(carry_t, h, tl.zeros([TB, NP, BD], dtype=tl.float32), PARTS, True)
+        acc = _coef_data(write_c, z, acc, PARTS, True)
+        tl.store(out_ptr + h_rows + dd[None, None, :], to_output(acc, out_ptr), mask=hm & dm)
+
+
+@triton.jit
+def _write_tc_bwd_batched(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gcarry_ptr, gwrite_ptr, N, d,
+                          NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
+                          STATIC: tl.constexpr, TB: tl.constexpr, BD: tl.constexpr):
+    """:func:`_write_tc_bwd` on ``TB`` tokens at once ("tc-v2"): ``dL/dH = Carry dL/dH'`` and ``dL/dZ = WriteT^T
+    dL/dH'`` as batched products per chunk, the coefficient gradients in ``[TB, NP, NP]`` / ``[TB, NP, MP]``
+    accumulators over the chunks (per token when dynamic; summed over the program's tokens into one partial per
+    program when static)."""
+    pid = tl.program_id(0)
+    tt = tl.arange(0, TB)
+    j = tl.arange(0, NP)
+    i = tl.arange(0, MP)
+    jm, im = j < NS, i < MS
+    tok = pid * TB + tt
+    tm = tok < N
+    t64 = tok.to(tl.int64)
+    # Carry as [., j, k] (carry[j, k] at j * n + k) and WriteT^T as [., i, k] (write_c[k, i] at k * m + i)
+    c_offs = j[None, :, None] * NS + j[None, None, :]
+    wt_offs = j[None, None, :] * MS + i[None, :, None]
+    c_mask = jm[None, :, None] & jm[None, None, :]
+    wt_mask = im[None, :, None] & jm[None, None, :]
+    if STATIC:
+        carry = tl.broadcast_to(tl.load(carry_ptr + c_offs, mask=c_mask, other=0.0), [TB, NP, NP])
+        write_tt = tl.broadcast_to(tl.load(write_ptr + wt_offs, mask=wt_mask, other=0.0), [TB, MP, NP])
+    else:
+        carry = tl.load(carry_ptr + t64[:, None, None] * (NS * NS) + c_offs, mask=tm[:, None, None] & c_mask,
+                        other=0.0)
+        write_tt = tl.load(write_ptr + t64[:, None, None] * (NS * MS) + wt_offs, mask=tm[:, None, None] & wt_mask,
+                           other=0.0)
+    g_cc = tl.zeros([TB, NP, NP], dtype=tl.float32)  # dL/dCarry[t, j, k] = sum_d H_j . dL/dH'_k
+    g_wc = tl.zeros([TB, NP, MP], dtype=tl.float32)  # dL/dWriteT[t, k, i] = sum_d dL/dH'_k . Z_i
+    h_rows = t64[:, None, None] * (NS * d) + j[None, :, None] * d  # [TB, NP, 1]
+    z_rows = t64[:, None, None] * (MS * d) + i[None, :, None] * d  # [TB, MP, 1]
+    hm = tm[:, None, None] & jm[None, :, None]
+    zm = tm[:, None, None] & im[None, :, None]
+    for d0 in range(0, d, BD):
+        dd = d0 + tl.arange(0, BD)
+        dm = (dd < d)[None, None, :]
+        g = tl.load(g_ptr + h_rows + dd[None, None, :], mask=hm & dm, other=0.0)  # dL/dH' [TB, NP, BD]
+        h = tl.load(h_ptr + h_rows + dd[None, None, :], mask=hm & dm, other=0.0)
+        z = tl.load(z_ptr + z_rows + dd[None, None, :], mask=zm & dm, other=0.0)  # [TB, MP, BD]
+        g_h = _coef_data(carry, g, tl.zeros([TB, NP, BD], dtype=tl.float32), 2, True)
+        tl.store(gh_ptr + h_rows + dd[None, None, :], to_output(g_h, gh_ptr), mask=hm & dm)
+        g_z = _coef_data(write_tt, g, tl.zeros([TB, MP, BD], dtype=tl.float32), 2, True)
+        tl.store(gz_ptr + z_rows + dd[None, None, :], to_output(g_z, gz_ptr), mask=zm & dm)
+        g_cc = _data_data(h, tl.trans(g, (0, 2, 1)), g_cc)  # [TB, NP, BD] @ [TB, BD, NP]
+        g_wc = _data_data(g, tl.trans(z, (0, 2, 1)), g_wc)  # [TB, NP, BD] @ [TB, BD, MP]
+    cc_offs = j[None, :, None] * NS + j[None, None, :]  # [., j, k]
+    wc_offs = j[None, :, None] * MS + i[None, None, :]  # [., k, i]
+    wc_mask = jm[None, :, None] & im[None, None, :]
+    if STATIC:  # one partial per program: [programs, n, n] / [programs, n, m] (padded tokens added zeros)
+        pid64 = tl.cast(pid, tl.int64)
+        tl.store(gcarry_ptr + pid64 * (NS * NS) + cc_offs, tl.sum(g_cc, axis=0)[None, :, :], mask=c_mask)
+        tl.store(gwrite_ptr + pid64 * (NS * MS) + wc_offs, tl.sum(g_wc, axis=0)[None, :, :], mask=wc_mask)
+    else:
+        tl.store(gcarry_ptr + t64[:, None, None] * (NS * NS) + cc_offs, g_cc, mask=tm[:, None, None] & c_mask)
+        tl.store(gwrite_ptr + t64[:, None, None] * (NS * MS) + wc_offs, g_wc, mask=tm[:, None, None] & wc_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -554,25 +654,35 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 # (benchmarks/tc_launch_time.py, benchmarks/RESULTS.md); at NP = 64 bf16 (64, 4) rather than the widest clean
 # (128, 4), which sits at 255 registers.
 DYNAMIC_FWD_WARPS = 4
+# the batched write backward holds [TB, NP, NP] carry maps and their gradients in registers: at NP = 64 (TB = 2) every
+# (BD, warps) tried spilled (2-26 KB per thread), so there the per-token backward runs (its LAUNCH entry at NP = 64
+# is unused)
+WRITE_BWD_BATCHED_MAX_NP = 32
 LAUNCH = {
     (16, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
-                 "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 4)},
+                 "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 4),
+                 "write_fwd_batched": (64, 4), "write_bwd_batched": (64, 8)},
     (16, False): {"write_fwd": (256, 4), "write_bwd": (32, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
                   "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 4)},
+                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 4),
+                  "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
     (32, True): {"write_fwd": (256, 4), "write_bwd": (64, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
-                 "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 4)},
+                 "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 4),
+                 "write_fwd_batched": (64, 4), "write_bwd_batched": (64, 8)},
     (32, False): {"write_fwd": (128, 4), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
                   "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8)},
+                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8),
+                  "write_fwd_batched": (32, 4), "write_bwd_batched": (16, 4)},
     (64, True): {"write_fwd": (128, 4), "write_bwd": (128, 4), "read_fwd": (128, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
-                 "dynamic_bwd_dwg": (64, 4), "dynamic_fwd_batched": (64, 4)},
+                 "dynamic_bwd_dwg": (64, 4), "dynamic_fwd_batched": (64, 4),
+                 "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
     (64, False): {"write_fwd": (64, 4), "write_bwd": (32, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
                   "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
-                  "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8)},
+                  "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
+                  "write_fwd_batched": (16, 4), "write_bwd_batched": (16, 8)},
 }
 LAUNCH_KEYS = tuple(LAUNCH[(64, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
 
@@ -587,6 +697,12 @@ def configs(n: int, m: int, d: int, bf16: bool = True) -> dict[str, dict]:
     tpp = 64 if interpreting() else 8
     table = LAUNCH[(pow2(n), bool(bf16))]
     return {k: dict(TPP=tpp, BD=min(bd_full, bd), num_warps=w, num_stages=1) for k, (bd, w) in table.items()}
+
+
+def _batched_launch(n: int, m: int, d: int, bf16: bool, key: str) -> dict:
+    """Launch keyword arguments of a batched ("tc-v2") kernel: its chunk and warps (its tokens per program, ``TB``,
+    come from ``triton_common.tc_batched_tokens``)."""
+    return launch_kwargs({k: v for k, v in configs(n, m, d, bf16)[key].items() if k != "TPP"})
 
 
 def _pads(n: int, m: int) -> dict:
@@ -613,9 +729,15 @@ def write(h, z, carry_c, write_c):
     static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
     out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N and d:
-        cfg = configs(n, m, d, h.dtype == z.dtype == torch.bfloat16)["write_fwd"]
-        _write_tc_fwd[(_programs(N, cfg["TPP"]),)](h, z, cc, wc, out, N, d, STATIC=static,
-                                                   PARTS=_parts(out.dtype), **_pads(n, m), **launch_kwargs(cfg))
+        tokens, bf16 = tc_batched_tokens(n), h.dtype == z.dtype == torch.bfloat16
+        if tokens > 1:
+            cfg = _batched_launch(n, m, d, bf16, "write_fwd_batched")
+            _write_tc_fwd_batched[(_programs(N, tokens),)](h, z, cc, wc, out, N, d, STATIC=static, TB=tokens,
+                                                           PARTS=_parts(out.dtype), **_pads(n, m), **cfg)
+        else:
+            cfg = configs(n, m, d, bf16)["write_fwd"]
+            _write_tc_fwd[(_programs(N, cfg["TPP"]),)](h, z, cc, wc, out, N, d, STATIC=static,
+                                                       PARTS=_parts(out.dtype), **_pads(n, m), **launch_kwargs(cfg))
     return out
 
 
@@ -626,13 +748,19 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     z = contiguous3(z, m, d, "z")
     g = contiguous3(grad_out, n, d, "grad_out")
     static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
-    cfg = configs(n, m, d, h.dtype == z.dtype == torch.bfloat16)["write_bwd"]
-    programs = _programs(N, cfg["TPP"])
+    tokens, bf16 = tc_batched_tokens(n), h.dtype == z.dtype == torch.bfloat16
+    if pow2(n) > WRITE_BWD_BATCHED_MAX_NP:
+        tokens = 1
+    cfg = configs(n, m, d, bf16)["write_bwd"]
+    programs = _programs(N, tokens if tokens > 1 else cfg["TPP"])
     g_h, g_z = torch.empty_like(h), torch.empty_like(z)
     rows = programs if static else N  # per-program partials (static) or per-token gradients (dynamic)
     g_cc = torch.zeros((rows, n, n), device=h.device, dtype=torch.float32)
     g_wc = torch.zeros((rows, n, m), device=h.device, dtype=torch.float32)
-    if N:
+    if N and tokens > 1:  # (tokens > 1 only up to WRITE_BWD_BATCHED_MAX_NP, see above)
+        _write_tc_bwd_batched[(programs,)](h, z, cc, wc, g, g_h, g_z, g_cc, g_wc, N, d, STATIC=static, TB=tokens,
+                                           **_pads(n, m), **_batched_launch(n, m, d, bf16, "write_bwd_batched"))
+    elif N:
         _write_tc_bwd[(programs,)](h, z, cc, wc, g, g_h, g_z, g_cc, g_wc, N, d, STATIC=static, **_pads(n, m),
                                    **launch_kwargs(cfg))
     if static:
@@ -669,7 +797,7 @@ def read_static_backward(h, read, grad_x):
 
 def read_dynamic(h, norm_weight, proj, gates, scales, eps):
     """:func:`kernels.reference.read_dynamic` on tensor cores: ``(x, carry_c, write_c, stats)``; the batched forward
-    where ``triton_common.DYNAMIC_FWD_TOKENS`` takes several tokens per program, else the per-token one."""
+    where ``triton_common.BATCHED_TOKENS`` takes several tokens per program, else the per-token one."""
     n, m = gate_slots(gates)
     h, N, d = state_view(h, n, m)
     K = 2 * m + n
@@ -679,13 +807,12 @@ def read_dynamic(h, norm_weight, proj, gates, scales, eps):
     write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
     stats = torch.empty((N, n, K + 1), device=h.device, dtype=torch.float32)
     if N:
-        tokens = tc_dynamic_forward_tokens(n)
+        tokens = tc_batched_tokens(n)
         args = (h, wgt, base, scales, x, carry_c, write_c, stats, N, d, float(eps), 1.0 / math.sqrt(max(d, 1)))
         if tokens > 1:
-            cfg = {k: v for k, v in configs(n, m, d, h.dtype == torch.bfloat16)["dynamic_fwd_batched"].items()
-                   if k != "TPP"}
-            _read_dynamic_tc_fwd_batched[(_programs(N, tokens),)](*args, **_pads(n, m), TB=tokens,
-                                                                   **launch_kwargs(cfg))
+            _read_dynamic_tc_fwd_batched[(_programs(N, tokens),)](
+                *args, **_pads(n, m), TB=tokens, **_batched_launch(n, m, d, h.dtype == torch.bfloat16,
+                                                                    "dynamic_fwd_batched"))
         else:
             cfg = configs(n, m, d, h.dtype == torch.bfloat16)["dynamic_fwd"]
             _read_dynamic_tc_fwd[(_programs(N, cfg["TPP"]),)](*args, **_pads(n, m), **launch_kwargs(cfg))
@@ -756,13 +883,14 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
         c = cfg[which]
         if which in ("dynamic_bwd_dh", "dynamic_bwd_dwg"):
             sizes = dict(BD=c["BD"])
-        elif which == "dynamic_fwd_batched":  # compiled at every NP, also where the per-token kernel runs now
-            sizes = dict(BD=c["BD"], TB=DYNAMIC_FWD_TOKENS[pads["NP"]])
+        elif which.endswith("_batched"):  # compiled at every NP, also where the per-token kernels run now
+            sizes = dict(BD=c["BD"], TB=BATCHED_TOKENS[pads["NP"]])
         else:
             sizes = dict(TPP=c["TPP"], BD=c["BD"])
         # ids: the kernel_id()s under which the launchers run it (the dynamic read's backward serves both forwards)
-        ids = {KERNEL_ID, TENSOR_CORE_BATCHED} if which.startswith("dynamic_bwd") else {KERNEL_ID}
-        return dict(kernel=f"{name}[{KERNEL_ID}]", fn=fn, args=args, constexprs=dict(**pads, **sizes, **constexprs),
+        version = TENSOR_CORE_BATCHED if which.endswith("_batched") else KERNEL_ID
+        ids = {KERNEL_ID, TENSOR_CORE_BATCHED} if which.startswith("dynamic_bwd") else {version}
+        return dict(kernel=f"{name}[{version}]", fn=fn, args=args, constexprs=dict(**pads, **sizes, **constexprs),
                     num_warps=c["num_warps"], num_stages=c["num_stages"], launch=which, ids=ids)
 
     specs = []
@@ -774,6 +902,16 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
         specs.append(spec(f"write_bwd[{kind}]", _write_tc_bwd,
                           dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
                                gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d), "write_bwd", STATIC=static))
+        if pads["NP"] > WRITE_BWD_BATCHED_MAX_NP:  # the per-token backward also behind the batched forward there
+            specs[-1]["ids"] = {KERNEL_ID, TENSOR_CORE_BATCHED}
+        specs.append(spec(f"write_fwd_batched[{kind}]", _write_tc_fwd_batched,
+                          dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, out_ptr=ptr, N=16384, d=d),
+                          "write_fwd_batched", STATIC=static, PARTS=_parts(_TORCH_DTYPES[dtype])))
+        if pads["NP"] > WRITE_BWD_BATCHED_MAX_NP:  # never launched there
+            continue
+        specs.append(spec(f"write_bwd_batched[{kind}]", _write_tc_bwd_batched,
+                          dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
+                               gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d), "write_bwd_batched", STATIC=static))
     return specs + [
         spec("read_static_fwd", _read_tc_fwd, dict(h_ptr=ptr, read_ptr=f32, x_ptr=ptr, N=16384, d=d), "read_fwd"),
         spec("read_static_bwd", _read_tc_bwd,
@@ -782,10 +920,9 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
         spec("read_dynamic_fwd", _read_dynamic_tc_fwd,
              dict(h_ptr=ptr, wgt_ptr=f32, base_ptr=f32, scale_ptr=f32, x_ptr=ptr, carry_ptr=f32, write_ptr=f32,
                   stats_ptr=f32, N=16384, d=d, eps=1e-6, inv_sqrt_d=0.03), "dynamic_fwd"),
-        dict(spec("read_dynamic_fwd_batched", _read_dynamic_tc_fwd_batched,
-                  dict(h_ptr=ptr, wgt_ptr=f32, base_ptr=f32, scale_ptr=f32, x_ptr=ptr, carry_ptr=f32, write_ptr=f32,
-                       stats_ptr=f32, N=16384, d=d, eps=1e-6, inv_sqrt_d=0.03), "dynamic_fwd_batched"),
-             kernel=f"read_dynamic_fwd_batched[{TENSOR_CORE_BATCHED}]", ids={TENSOR_CORE_BATCHED}),
+        spec("read_dynamic_fwd_batched", _read_dynamic_tc_fwd_batched,
+             dict(h_ptr=ptr, wgt_ptr=f32, base_ptr=f32, scale_ptr=f32, x_ptr=ptr, carry_ptr=f32, write_ptr=f32,
+                  stats_ptr=f32, N=16384, d=d, eps=1e-6, inv_sqrt_d=0.03), "dynamic_fwd_batched"),
         spec("read_dynamic_bwd_coef", _read_dynamic_tc_bwd_coef,
              dict(h_ptr=ptr, gx_ptr=ptr, gcarry_ptr=f32, gwrite_ptr=f32, stats_ptr=f32, base_ptr=f32, scale_ptr=f32,
                   readc_ptr=f32, gu_ptr=f32, rowscale_ptr=f32, gstatic_ptr=f32, gscales_ptr=f32, N=16384,

@@ -69,9 +69,9 @@ def test_stage_rows_survive_a_stopped_stage_and_timeouts_are_checked(tmp_path, c
     assert exc.value.code == 2 and "expected STAGE=SECONDS" in capsys.readouterr().err
 
 
-def test_batched_forward_ab_switch():
-    """gpu_check checks and times the batched tensor-core dynamic read forward beside the per-token one exactly
-    where the per-token one runs, and its switch restores the dispatch afterwards."""
+def test_batched_tc_ab_switch():
+    """gpu_check checks and times the batched tensor-core kernels beside the per-token ones exactly where the
+    per-token ones run, and its switch restores the dispatch afterwards."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import gpu_check
@@ -79,10 +79,10 @@ def test_batched_forward_ab_switch():
         sys.path.pop(0)
     from vwn_transform.kernels import triton_common
 
-    assert gpu_check._per_token_tc_forward(8, 16) and gpu_check._per_token_tc_forward(3, 12)
-    assert not gpu_check._per_token_tc_forward(8, 64)  # the batched one runs there already
-    assert not gpu_check._per_token_tc_forward(2, 3)  # the FMA dynamic read
-    before = set(triton_common.PER_TOKEN_DYNAMIC_FWD)
-    with gpu_check.batched_forward():
-        assert triton_common.tc_dynamic_forward_tokens(16) == 8
-    assert triton_common.PER_TOKEN_DYNAMIC_FWD == before and triton_common.tc_dynamic_forward_tokens(16) == 1
+    assert gpu_check._per_token_tc(8, 16) and gpu_check._per_token_tc(3, 12)
+    assert not gpu_check._per_token_tc(8, 64)  # the batched ones run there already
+    assert not gpu_check._per_token_tc(2, 3)  # the FMA kernels
+    before = set(triton_common.PER_TOKEN_TC)
+    with gpu_check.batched_tc():
+        assert triton_common.tc_batched_tokens(16) == 8
+    assert triton_common.PER_TOKEN_TC == before and triton_common.tc_batched_tokens(16) == 1

@@ -366,24 +366,40 @@ def test_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
 
 @pytest.mark.parametrize("m,n,N,d", [(3, 12, 11, 300), (8, 16, 8, 40), (1, 9, 1, 24), (5, 30, 7, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_dynamic_read_forward_matches_reference(m, n, N, d, dtype, monkeypatch):
-    """The batched tensor-core dynamic read forward ("tc-v2", several tokens per program) also where the per-token
-    kernel runs by default (NP = 16): x, the per-token coefficients and the statistics against fp64, within twice
-    the reference's own error (fp32: at least 2e-5), outputs NaN-poisoned. Token counts below, at and above a
-    program's TB tokens (11 = 8 + 3 ragged), d=300 (ragged last chunk), slot counts that pad (9, 12, 30)."""
+def test_batched_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
+    """The batched tensor-core kernels ("tc-v2", several tokens per program) also where the per-token ones run by
+    default (NP = 16): the dynamic read forward (x, coefficients, statistics) and the write + carry forward and
+    backward with per-token and static maps, against fp64 within twice the reference's own error (fp32: at least
+    2e-5), outputs NaN-poisoned; the static maps' gradients (per-program partials) bitwise reproducible. Token
+    counts below, at and above a program's tokens (11 = 8 + 3), d=300 (ragged last chunk), slot counts that pad."""
     from vwn_transform.kernels import triton_common, triton_tc as tc
 
-    monkeypatch.setattr(triton_common, "PER_TOKEN_DYNAMIC_FWD", set())
-    assert triton_common.tc_dynamic_forward_tokens(n) == 128 // triton_common.pow2(n) > 1
+    monkeypatch.setattr(triton_common, "PER_TOKEN_TC", set())
+    assert triton_common.tc_batched_tokens(n) == 128 // triton_common.pow2(n) > 1
     h, p = make_inputs(N, m, n, d, dtype, seed=61)
+    g = torch.Generator().manual_seed(62)
+    z = torch.randn(N, m, d, generator=g).to(DEVICE, dtype)
+    gout = torch.randn(N, n, d, generator=g).to(DEVICE, dtype)
+    cc, wc = torch.randn(N, n, n, generator=g).to(DEVICE), torch.randn(N, n, m, generator=g).to(DEVICE)
     args = read_args(p) + (1e-6,)
+
+    def run(lib, cast):
+        hh, zz, gg = cast(h), cast(z), cast(gout)
+        return {"read_dynamic": lib.read_dynamic(hh, *args),
+                "write": (lib.write(hh, zz, cc, wc),) + lib.write_backward(hh, zz, cc, wc, gg),
+                "write_static": ((lib.write(hh, zz, p["carry"], p["write"].t()),)
+                                 + lib.write_backward(hh, zz, p["carry"], p["write"].t(), gg))}
+
     with nan_poisoned_outputs(monkeypatch):
-        got = tc.read_dynamic(h, *args)
-    want, exact = ref.read_dynamic(h, *args), ref.read_dynamic(h.double(), *args)
-    for i, (a, w, e) in enumerate(zip(got, want, exact)):
-        assert a.shape == w.shape and a.dtype == w.dtype and torch.isfinite(a).all(), i
-        limit = max(2e-5, 2 * rel_err(w, e)) if a.dtype == torch.float32 else 2 * rel_err(w, e) + 1e-6
-        assert rel_err(a, e) <= limit, (i, rel_err(a, e), rel_err(w, e))
+        got = run(tc, lambda t: t)
+    want, exact = run(ref, lambda t: t), run(ref, lambda t: t.double())
+    for name in want:
+        for i, (a, w, e) in enumerate(zip(got[name], want[name], exact[name])):
+            assert a.shape == w.shape and a.dtype == w.dtype and torch.isfinite(a).all(), (name, i)
+            limit = max(2e-5, 2 * rel_err(w, e)) if a.dtype == torch.float32 else 2 * rel_err(w, e) + 1e-6
+            assert rel_err(a, e) <= limit, (name, i, rel_err(a, e), rel_err(w, e))
+    again = tc.write_backward(h, z, p["carry"], p["write"].t(), gout)
+    assert all(torch.equal(a, b) for a, b in zip(again, got["write_static"][1:]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
@@ -444,18 +460,18 @@ def test_auto_follows_the_measured_table():
         assert choice == "reference" and why.startswith("measured slower"), why
     finally:
         measured.MEASURED = old
-    assert measured.kernel_id("write", 8, 64) == "tc-v1" and measured.kernel_id("write", 2, 8) == "fma-v1"
+    assert measured.kernel_id("write", 8, 16) == "tc-v1" and measured.kernel_id("write", 2, 8) == "fma-v1"
     # the FMA dynamic read (and the write+read built on it) only where its n(2m+n) gate values fit in registers
     assert measured.kernel_id("read_dynamic", 2, 8) == "fma-v2"
     assert measured.kernel_id("write_read_dynamic", 2, 3) == "fma-v1+fma-v2"
     assert measured.kernel_id("read_dynamic", 8, 8) == "tc-v1"
     assert measured.kernel_id("write_read_dynamic", 8, 8) == "fma-v1+tc-v1"
     assert measured.kernel_id("read_static", 8, 8) == "fma-v1" and measured.kernel_id("read_static", 3, 2) == "tc-v1"
-    # the tensor-core dynamic read: the per-token forward at NP = 16 (measured), the batched one above
-    assert measured.kernel_id("read_dynamic", 8, 16) == "tc-v1"
+    # the tensor-core write and dynamic read: the per-token kernels at NP = 16 (measured), the batched ones above
+    assert measured.kernel_id("read_dynamic", 8, 16) == "tc-v1" and measured.kernel_id("write", 8, 16) == "tc-v1"
     assert measured.kernel_id("read_dynamic", 8, 64) == "tc-v2" and measured.kernel_id("read_dynamic", 4, 17) == "tc-v2"
-    assert measured.kernel_id("write_read_dynamic", 8, 64) == "tc-v1+tc-v2"
-    assert measured.kernel_id("write", 8, 64) == "tc-v1"
+    assert measured.kernel_id("write_read_dynamic", 8, 64) == "tc-v2" and measured.kernel_id("write", 8, 64) == "tc-v2"
+    assert measured.kernel_id("read_static", 8, 64) == "tc-v1"  # no batched static read
     with pytest.raises(ValueError, match="unknown op 'read'"):
         measured.kernel_id("read", 2, 3)
     # every row names the kernel it measured, and that is a kernel that ships now
