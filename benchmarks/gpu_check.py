@@ -1,16 +1,17 @@
 """One GPU command: device check, native-kernel parity, kernel table and end-to-end training steps, each stage in
 its own process under its own timeout (a hang or crash loses one stage), results under ``--out DIR``.
 
-Stages (timeouts in seconds; about 6 minutes at most in all on an H100/H200):
+Stages (timeouts in seconds, each a maximum: 9 minutes at most in all; the first full run on the H200 took
+168 s, before the batched A/B rows and the profile stage):
 
 * ``env`` (30): device, torch/triton versions, device copy GB/s, bf16 GEMM TFLOP/s.
-* ``parity`` (90): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
+* ``parity`` (120): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
   Triton), against the plain-PyTorch reference and an fp64 reference: (1,4), (2,3), (8,16), (8,64), bf16 and
   fp32, 577 and 16384 tokens, D=2048: each output within twice the reference's own error against fp64 (at least
   2e-5 relative for fp32 outputs). One process per (m, n) and dtype, all at once: the first native compile of
   each kernel dominates this stage, and the compiles of different shapes then run on different CPU cores (the
   later stages find them in Triton's cache). Failures are marked; timing goes on.
-* ``kernels`` (100): per op and (m, n) in (1,4), (2,3), (8,16), (8,64) at D=2048, 16384 tokens, bf16: eager
+* ``kernels`` (120): per op and (m, n) in (1,4), (2,3), (8,16), (8,64) at D=2048, 16384 tokens, bf16: eager
   reference and ours (``--inductor``: also the inductor-compiled reference), forward and forward+backward ms
   (``triton.testing.do_bench`` median), GB/s and % of the byte floor at the measured copy bandwidth, and the
   kernel id that ran. Where the tensor-core write and dynamic read run their per-token kernels ("tc-v1"), the
@@ -55,7 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # and passes/ subpackages, which the install maps in.
 sys.path.insert(0, HERE)
 
-STAGES = {"env": 30, "parity": 90, "kernels": 100, "e2e": 90, "profile": 45, "compiled": 150}
+STAGES = {"env": 30, "parity": 120, "kernels": 120, "e2e": 90, "profile": 45, "compiled": 150}
 FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(1, 4), (2, 3),
             (8, 16), (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
 SMOKE = dict(tokens=(1, 33), D=48, slots=[(1, 4), (2, 3)], parity_slots=[(2, 3), (1, 4)],

