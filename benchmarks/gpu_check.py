@@ -6,7 +6,8 @@ Stages (timeouts in seconds, each a maximum: 9 minutes at most in all; the first
 
 * ``env`` (30): device, torch/triton versions, device copy GB/s, bf16 GEMM TFLOP/s.
 * ``parity`` (120): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
-  Triton), against the plain-PyTorch reference and an fp64 reference: (1,4), (2,3), (8,16), (8,64), bf16 and
+  Triton), against the plain-PyTorch reference and an fp64 reference: (1,4), (2,3), (8,16), (8,32) (where the
+  batched tensor-core write backward runs), (8,64), bf16 and
   fp32, 577 and 16384 tokens, D=2048: each output within twice the reference's own error against fp64 (at least
   2e-5 relative for fp32 outputs). One process per (m, n) and dtype, all at once: the first native compile of
   each kernel dominates this stage, and the compiles of different shapes then run on different CPU cores (the
@@ -58,7 +59,7 @@ sys.path.insert(0, HERE)
 
 STAGES = {"env": 30, "parity": 120, "kernels": 120, "e2e": 90, "profile": 45, "compiled": 150}
 FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(1, 4), (2, 3),
-            (8, 16), (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
+            (8, 16), (8, 32), (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
 SMOKE = dict(tokens=(1, 33), D=48, slots=[(1, 4), (2, 3)], parity_slots=[(2, 3), (1, 4)],
              e2e=dict(hidden=48, layers=2, batch=2, seq=16, heads=2, vocab=128))
 E2E_CASES = [("baseline", None, None), ("r=1.5 (2,3)", 1.5, None), ("r=4 (2,8)", 4, 2), ("r=8 (8,64)", 8, 8)]
@@ -126,16 +127,16 @@ def _op_outputs(lib, case, cast):
     }
 
 
-# the ops whose tensor-core kernels come batched ("tc-v2"): checked and timed beside the per-token ones
-BATCHED_OPS = ("read_dynamic", "write", "write_bwd", "write_read_dynamic", "write_read_dynamic_bwd")
+def _batched_ops(m: int, n: int) -> tuple[str, ...]:
+    """The ops that run per-token tensor-core kernels ("tc-v1") at (m, n) where batched ones ("tc-v2") exist: those
+    are checked and timed beside them (``--no-batched-ab``: not)."""
+    from vwn_transform.kernels.triton_common import fma_dynamic_read_supports, fma_supports, tc_batched_tokens
 
-
-def _per_token_tc(m: int, n: int) -> bool:
-    """(m, n) runs the per-token tensor-core kernels ("tc-v1") where batched ones exist, so those ("tc-v2") are
-    checked and timed beside them (``--no-batched-ab``: not)."""
-    from vwn_transform.kernels.triton_common import fma_supports, tc_batched_tokens
-
-    return not fma_supports(n, m) and tc_batched_tokens(n) == 1
+    if tc_batched_tokens(n) > 1:
+        return ()  # the batched kernels run already
+    ops = () if fma_supports(n, m) else ("write", "write_bwd")
+    ops += () if fma_dynamic_read_supports(n, m) else ("read_dynamic",)
+    return ops + (("write_read_dynamic", "write_read_dynamic_bwd") if ops else ())
 
 
 class batched_tc:
@@ -183,7 +184,7 @@ def stage_parity(args) -> dict:
                     continue
                 want = _op_outputs(ref, case, lambda t: t)
                 exact = _op_outputs(ref, case, lambda t: t.double())
-                if args.batched_ab and _per_token_tc(m, n):
+                if args.batched_ab and _batched_ops(m, n):
                     try:
                         with batched_tc():
                             batched = _op_outputs(tri, case, lambda t: t)
@@ -191,7 +192,7 @@ def stage_parity(args) -> dict:
                         rows.append(dict(op="*[tc-v2]", m=m, n=n, dtype=str(dtype), N=N, ok=False,
                                          error=repr(e)[:300]))
                     else:
-                        for op in BATCHED_OPS:
+                        for op in _batched_ops(m, n):
                             got[f"{op}[tc-v2]"] = batched[op]
                             want[f"{op}[tc-v2]"], exact[f"{op}[tc-v2]"] = want[op], exact[op]
                 for op in want:
@@ -252,7 +253,7 @@ def stage_kernels(args) -> dict:
                                  fwd_bwd_ms=ms_f + ms_b, fwd_gbs=bytes_f / (ms_f * 1e-3) / 1e9,
                                  fwd_floor_pct=100 * floor_f / ms_f, fwd_bwd_floor_pct=100 * floor_fb / (ms_f + ms_b),
                                  kernel=kernel_id(op, m, n) if impl == "triton" else ""))
-            if args.batched_ab and op in BATCHED_OPS and _per_token_tc(m, n):
+            if args.batched_ab and op in _batched_ops(m, n):
                 # the batched forward beside the per-token one, same process, same inputs (benchmarks/NOTES.md)
                 try:
                     with batched_tc():

@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kernel_static_check as gate  # noqa: E402
 
-CANDIDATES = [(256, 4), (128, 4), (128, 8), (64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8)]
+# widest chunk first; 2 warps for the batched kernels at NP = 64 (two tokens per program, one warp each)
+CANDIDATES = [(256, 4), (128, 4), (128, 8), (64, 4), (64, 8), (64, 2), (32, 4), (32, 8), (32, 2), (16, 4), (16, 8),
+              (16, 2)]
 # a representative (m, n) per padded slot count: the largest n that pads to it (the masks are the only difference)
 SHAPES = {16: (8, 16), 32: (8, 32), 64: (8, 64)}
 
@@ -35,7 +37,7 @@ def search(np_: int, operands: str, D: int = 2048) -> dict[str, tuple[int, int]]
     for key in triton_tc.LAUNCH_KEYS:
         variants = [s for s in specs if s["launch"] == key]  # e.g. the write's static and dynamic kernels
         for bd, warps in CANDIDATES:
-            if np_ * bd > 8192 or (key == "dynamic_fwd" and warps != triton_tc.DYNAMIC_FWD_WARPS):
+            if not triton_tc.launch_allowed(np_, key, bd, warps):
                 continue
             ok = True
             for spec in variants:

@@ -32,8 +32,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-CANDIDATES = [(256, 4), (256, 8), (128, 4), (128, 8), (64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8)]
-SHAPES = {16: (8, 16), 64: (8, 64)}  # NP -> (m, n)
+CANDIDATES = [(256, 4), (256, 8), (128, 4), (128, 8), (64, 4), (64, 8), (64, 2), (32, 4), (32, 8), (32, 2), (16, 4),
+              (16, 8), (16, 2)]
+SHAPES = {16: (8, 16), 32: (8, 32), 64: (8, 64)}  # NP -> (m, n)
 D = 2048
 CHECK_TOKENS, TIME_TOKENS = 577, 16384
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,8 +151,10 @@ def _save(path, check, timed) -> None:
 
 def check_all(jobs, timeout, path=None) -> list[dict]:
     """Run the check children side by side; restart a dead one after the candidate that killed it."""
-    # NP x BD above 8192 values per tile exceeds the registers at any warp count
-    rows, pending = [], {job: [c for c in CANDIDATES if job[0] * c[0] <= 8192] for job in jobs}
+    from vwn_transform.kernels import triton_tc
+
+    # tiles above 8192 values exceed the registers at any warp count; batched kernels at most one warp per token
+    rows, pending = [], {job: [c for c in CANDIDATES if triton_tc.launch_allowed(job[0], job[2], *c)] for job in jobs}
     deadline = time.time() + timeout
     while pending and time.time() < deadline:
         procs = {}

@@ -52,7 +52,7 @@ def tc_batched_tokens(n: int) -> int:
     """Tokens per program of the batched tensor-core kernels at ``n`` slots, or 1 where the per-token kernels run
     (:data:`PER_TOKEN_TC`)."""
     np_ = pow2(n)
-    return 1 if np_ in PER_TOKEN_TC else BATCHED_TOKENS[np_]
+    return 1 if np_ in PER_TOKEN_TC else BATCHED_TOKENS.get(np_, 1)  # n > MAX_N: no kernel runs (check_slots)
 
 
 def interpreting() -> bool:

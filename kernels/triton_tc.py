@@ -656,7 +656,7 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 DYNAMIC_FWD_WARPS = 4
 # the batched write backward holds [TB, NP, NP] carry maps and their gradients in registers: at NP = 64 (TB = 2) every
 # (BD, warps) tried spilled (2-26 KB per thread), so there the per-token backward runs (its LAUNCH entry at NP = 64
-# is unused)
+# is unused). Changing this changes what kernel_id "tc-v2" names for the write at NP = 64: bump the id with it.
 WRITE_BWD_BATCHED_MAX_NP = 32
 LAUNCH = {
     (16, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
@@ -665,12 +665,12 @@ LAUNCH = {
                  "write_fwd_batched": (64, 4), "write_bwd_batched": (64, 8)},
     (16, False): {"write_fwd": (256, 4), "write_bwd": (32, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
                   "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 4),
+                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 8),
                   "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
     (32, True): {"write_fwd": (256, 4), "write_bwd": (64, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 4),
-                 "write_fwd_batched": (64, 4), "write_bwd_batched": (64, 8)},
+                 "write_fwd_batched": (64, 4), "write_bwd_batched": (16, 4)},
     (32, False): {"write_fwd": (128, 4), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
                   "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
                   "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8),
@@ -678,13 +678,26 @@ LAUNCH = {
     (64, True): {"write_fwd": (128, 4), "write_bwd": (128, 4), "read_fwd": (128, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
                  "dynamic_bwd_dwg": (64, 4), "dynamic_fwd_batched": (64, 4),
-                 "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
+                 "write_fwd_batched": (32, 2), "write_bwd_batched": (32, 2)},
     (64, False): {"write_fwd": (64, 4), "write_bwd": (32, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
                   "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
                   "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
-                  "write_fwd_batched": (16, 4), "write_bwd_batched": (16, 8)},
+                  "write_fwd_batched": (16, 2), "write_bwd_batched": (16, 2)},
 }
 LAUNCH_KEYS = tuple(LAUNCH[(64, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
+
+
+def launch_allowed(np_: int, key: str, bd: int, warps: int) -> bool:
+    """Whether (BD, warps) is a candidate for ``key`` at NP (``tc_launch_search.py``, ``tc_launch_time.py``): a tile
+    of at most 8192 values per state operand (NP rows, or TB * NP for a batched kernel), the dynamic read forward at
+    DYNAMIC_FWD_WARPS, and the batched write kernels at no more warps than tokens: Triton spreads the warps of a 3-D
+    ``tl.dot`` over its batch axis, so warps beyond TB would repeat the same token's product (the batched dynamic
+    read's large product, the projection, is 2-D; only its small read product is 3-D)."""
+    batched = key.endswith("_batched")
+    rows = BATCHED_TOKENS[np_] * np_ if batched else np_
+    if rows * bd > 8192 or (key == "dynamic_fwd" and warps != DYNAMIC_FWD_WARPS):
+        return False
+    return not key.startswith("write_") or not batched or warps <= BATCHED_TOKENS[np_]
 
 
 def configs(n: int, m: int, d: int, bf16: bool = True) -> dict[str, dict]:

@@ -79,9 +79,11 @@ def test_batched_tc_ab_switch():
         sys.path.pop(0)
     from vwn_transform.kernels import triton_common
 
-    assert gpu_check._per_token_tc(8, 16) and gpu_check._per_token_tc(3, 12)
-    assert not gpu_check._per_token_tc(8, 64)  # the batched ones run there already
-    assert not gpu_check._per_token_tc(2, 3)  # the FMA kernels
+    every = ("write", "write_bwd", "read_dynamic", "write_read_dynamic", "write_read_dynamic_bwd")
+    assert gpu_check._batched_ops(8, 16) == every and gpu_check._batched_ops(3, 12) == every
+    assert gpu_check._batched_ops(8, 8) == ("read_dynamic", "write_read_dynamic", "write_read_dynamic_bwd")  # FMA write
+    assert gpu_check._batched_ops(8, 64) == ()  # the batched ones run there already
+    assert gpu_check._batched_ops(2, 3) == ()  # the FMA kernels
     before = set(triton_common.PER_TOKEN_TC)
     with gpu_check.batched_tc():
         assert triton_common.tc_batched_tokens(16) == 8

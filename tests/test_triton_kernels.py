@@ -364,7 +364,8 @@ def test_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(again, got["write_static"][1:]))
 
 
-@pytest.mark.parametrize("m,n,N,d", [(3, 12, 11, 300), (8, 16, 8, 40), (1, 9, 1, 24), (5, 30, 7, 40)])
+@pytest.mark.parametrize("m,n,N,d", [(3, 12, 11, 300), (8, 16, 8, 40), (1, 9, 1, 24), (5, 30, 7, 40),
+                                     (8, 40, 5, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
     """The batched tensor-core kernels ("tc-v2", several tokens per program) also where the per-token ones run by
