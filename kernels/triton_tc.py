@@ -198,19 +198,29 @@ def _write_tc_bwd(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_ptr, gca
 
 
 @triton.jit
+def _token_block(N, d, NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, TB: tl.constexpr):
+    """A batched program's indices: slots ``j`` of H (``[NP]``) and ``i`` of X/Z (``[MP]``) with their masks; its
+    ``TB`` tokens (mask ``tm``, int64 ``t64``; program ``p`` takes tokens ``p*TB .. p*TB + TB - 1``); the row offsets
+    and masks of its ``[TB, NP, .]`` state tiles (``h_rows``, ``hm``) and ``[TB, MP, .]`` backbone tiles (``x_rows``,
+    ``xm``: X or Z), to which a chunk's ``dd[None, None, :]`` is added."""
+    tok = tl.program_id(0) * TB + tl.arange(0, TB)
+    j = tl.arange(0, NP)
+    i = tl.arange(0, MP)
+    jm, im, tm, t64 = j < NS, i < MS, tok < N, tok.to(tl.int64)
+    h_rows = t64[:, None, None] * (NS * d) + j[None, :, None] * d  # [TB, NP, 1]
+    x_rows = t64[:, None, None] * (MS * d) + i[None, :, None] * d  # [TB, MP, 1]
+    hm = tm[:, None, None] & jm[None, :, None]
+    xm = tm[:, None, None] & im[None, :, None]
+    return j, i, jm, im, tm, t64, h_rows, hm, x_rows, xm
+
+
+@triton.jit
 def _write_tc_fwd_batched(h_ptr, z_ptr, carry_ptr, write_ptr, out_ptr, N, d,
                           NS: tl.constexpr, MS: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
                           STATIC: tl.constexpr, TB: tl.constexpr, BD: tl.constexpr, PARTS: tl.constexpr):
     """:func:`_write_tc_fwd` on ``TB`` tokens at once ("tc-v2"): ``[TB, NP, BD]`` state tiles, one batched product
     per coefficient map and chunk (``[TB, NP, NP] @ [TB, NP, BD]``)."""
-    pid = tl.program_id(0)
-    tt = tl.arange(0, TB)
-    j = tl.arange(0, NP)  # slot of H / H'
-    i = tl.arange(0, MP)  # slot of Z
-    jm, im = j < NS, i < MS
-    tok = pid * TB + tt
-    tm = tok < N
-    t64 = tok.to(tl.int64)
+    j, i, jm, im, tm, t64, h_rows, hm, z_rows, zm = _token_block(N, d, NS, MS, NP, MP, TB)
     # Carry^T as [., k, j] (carry[j, k] at j * n + k) and WriteT as [., k, i] (write_c[k, i] at k * m + i)
     c_offs = j[None, None, :] * NS + j[None, :, None]
     w_offs = j[None, :, None] * MS + i[None, None, :]
@@ -224,10 +234,6 @@ def _write_tc_fwd_batched(h_ptr, z_ptr, carry_ptr, write_ptr, out_ptr, N, d,
                           other=0.0)  # [TB, NP, NP]
         write_c = tl.load(write_ptr + t64[:, None, None] * (NS * MS) + w_offs, mask=tm[:, None, None] & w_mask,
                           other=0.0)  # [TB, NP, MP]
-    h_rows = t64[:, None, None] * (NS * d) + j[None, :, None] * d  # [TB, NP, 1]
-    z_rows = t64[:, None, None] * (MS * d) + i[None, :, None] * d  # [TB, MP, 1]
-    hm = tm[:, None, None] & jm[None, :, None]
-    zm = tm[:, None, None] & im[None, :, None]
     for d0 in range(0, d, BD):
         dd = d0 + tl.arange(0, BD)
         dm = (dd < d)[None, None, :]
@@ -246,14 +252,7 @@ def _write_tc_bwd_batched(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_
     dL/dH'`` as batched products per chunk, the coefficient gradients in ``[TB, NP, NP]`` / ``[TB, NP, MP]``
     accumulators over the chunks (per token when dynamic; summed over the program's tokens into one partial per
     program when static)."""
-    pid = tl.program_id(0)
-    tt = tl.arange(0, TB)
-    j = tl.arange(0, NP)
-    i = tl.arange(0, MP)
-    jm, im = j < NS, i < MS
-    tok = pid * TB + tt
-    tm = tok < N
-    t64 = tok.to(tl.int64)
+    j, i, jm, im, tm, t64, h_rows, hm, z_rows, zm = _token_block(N, d, NS, MS, NP, MP, TB)
     # Carry as [., j, k] (carry[j, k] at j * n + k) and WriteT^T as [., i, k] (write_c[k, i] at k * m + i)
     c_offs = j[None, :, None] * NS + j[None, None, :]
     wt_offs = j[None, None, :] * MS + i[None, :, None]
@@ -269,10 +268,6 @@ def _write_tc_bwd_batched(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_
                            other=0.0)
     g_cc = tl.zeros([TB, NP, NP], dtype=tl.float32)  # dL/dCarry[t, j, k] = sum_d H_j . dL/dH'_k
     g_wc = tl.zeros([TB, NP, MP], dtype=tl.float32)  # dL/dWriteT[t, k, i] = sum_d dL/dH'_k . Z_i
-    h_rows = t64[:, None, None] * (NS * d) + j[None, :, None] * d  # [TB, NP, 1]
-    z_rows = t64[:, None, None] * (MS * d) + i[None, :, None] * d  # [TB, MP, 1]
-    hm = tm[:, None, None] & jm[None, :, None]
-    zm = tm[:, None, None] & im[None, :, None]
     for d0 in range(0, d, BD):
         dd = d0 + tl.arange(0, BD)
         dm = (dd < d)[None, None, :]
@@ -289,7 +284,7 @@ def _write_tc_bwd_batched(h_ptr, z_ptr, carry_ptr, write_ptr, g_ptr, gh_ptr, gz_
     wc_offs = j[None, :, None] * MS + i[None, None, :]  # [., k, i]
     wc_mask = jm[None, :, None] & im[None, None, :]
     if STATIC:  # one partial per program: [programs, n, n] / [programs, n, m] (padded tokens added zeros)
-        pid64 = tl.cast(pid, tl.int64)
+        pid64 = tl.cast(tl.program_id(0), tl.int64)
         tl.store(gcarry_ptr + pid64 * (NS * NS) + cc_offs, tl.sum(g_cc, axis=0)[None, :, :], mask=c_mask)
         tl.store(gwrite_ptr + pid64 * (NS * MS) + wc_offs, tl.sum(g_wc, axis=0)[None, :, :], mask=wc_mask)
     else:
@@ -440,16 +435,7 @@ def _read_dynamic_tc_fwd_batched(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, car
     (wg read once per program and chunk instead of once per token), and the read one batched ``[TB, MP, NP] @
     [TB, NP, BD]`` product. The maps are loaded once, after pass 1, when the state tiles are gone."""
     K: tl.constexpr = 2 * MS + NS
-    pid = tl.program_id(0)
-    tt = tl.arange(0, TB)
-    j = tl.arange(0, NP)
-    i = tl.arange(0, MP)
-    jm, im = j < NS, i < MS
-    tok = pid * TB + tt
-    tm = tok < N
-    t64 = tok.to(tl.int64)
-    h_rows = t64[:, None, None] * (NS * d) + j[None, :, None] * d  # [TB, NP, 1]
-    hm = tm[:, None, None] & jm[None, :, None]
+    j, i, jm, im, tm, t64, h_rows, hm, x_rows, xm = _token_block(N, d, NS, MS, NP, MP, TB)
     # pass 1: U = H wg (three parts, rows = (token, slot)) and the per-slot sum of squares
     sq = tl.zeros([TB, NP], dtype=tl.float32)
     u_r = tl.zeros([TB * NP, MP], dtype=tl.float32)
@@ -500,8 +486,6 @@ def _read_dynamic_tc_fwd_batched(h_ptr, wgt_ptr, base_ptr, scale_ptr, x_ptr, car
              mask=mask_r)
     # pass 2 (the program's state again, from L2): X = Read^T H, one batched product per chunk
     read_t = tl.trans(read_c, (0, 2, 1))  # [TB, MP, NP]
-    x_rows = t64[:, None, None] * (MS * d) + i[None, :, None] * d  # [TB, MP, 1]
-    xm = tm[:, None, None] & im[None, :, None]
     for d0 in range(0, d, BD):
         dd = d0 + tl.arange(0, BD)
         dm = (dd < d)[None, None, :]
