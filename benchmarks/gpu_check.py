@@ -43,6 +43,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -127,31 +128,23 @@ def _op_outputs(lib, case, cast):
     }
 
 
+def batched_tc():
+    """Within: the tensor-core write and dynamic read take their batched kernels ("tc-v2") at every slot count."""
+    from vwn_transform.kernels.triton_common import per_token_tc
+
+    return per_token_tc(set())
+
+
 def _batched_ops(m: int, n: int) -> tuple[str, ...]:
-    """The ops that run per-token tensor-core kernels ("tc-v1") at (m, n) where batched ones ("tc-v2") exist: those
-    are checked and timed beside them (``--no-batched-ab``: not)."""
-    from vwn_transform.kernels.triton_common import fma_dynamic_read_supports, fma_supports, tc_batched_tokens
+    """The ops (and their ``_bwd`` names) whose kernels at (m, n) change when the batched tensor-core kernels are
+    switched on: there the per-token ones ("tc-v1") run now, and the batched ones are checked and timed beside
+    them (``--no-batched-ab``: not). Derived from ``kernel_id``, so it follows the dispatch."""
+    from vwn_transform.kernels.measured import OPS, kernel_id
 
-    if tc_batched_tokens(n) > 1:
-        return ()  # the batched kernels run already
-    ops = () if fma_supports(n, m) else ("write", "write_bwd")
-    ops += () if fma_dynamic_read_supports(n, m) else ("read_dynamic",)
-    return ops + (("write_read_dynamic", "write_read_dynamic_bwd") if ops else ())
-
-
-class batched_tc:
-    """Within: the tensor-core write and dynamic read take their batched kernels at every slot count."""
-
-    def __enter__(self):
-        from vwn_transform.kernels.triton_common import PER_TOKEN_TC
-
-        self.saved = set(PER_TOKEN_TC)
-        PER_TOKEN_TC.clear()
-
-    def __exit__(self, *exc):
-        from vwn_transform.kernels.triton_common import PER_TOKEN_TC
-
-        PER_TOKEN_TC.update(self.saved)
+    now = {op: kernel_id(op, m, n) for op in OPS}
+    with batched_tc():
+        changed = [op for op in OPS if kernel_id(op, m, n) != now[op]]
+    return tuple(name for op in changed for name in (op, f"{op}_bwd"))
 
 
 def stage_parity(args) -> dict:
@@ -184,7 +177,8 @@ def stage_parity(args) -> dict:
                     continue
                 want = _op_outputs(ref, case, lambda t: t)
                 exact = _op_outputs(ref, case, lambda t: t.double())
-                if args.batched_ab and _batched_ops(m, n):
+                batched_ops = _batched_ops(m, n) if args.batched_ab else ()
+                if batched_ops:  # the batched kernels beside the per-token ones, as rows "<op>[tc-v2]"
                     try:
                         with batched_tc():
                             batched = _op_outputs(tri, case, lambda t: t)
@@ -192,7 +186,7 @@ def stage_parity(args) -> dict:
                         rows.append(dict(op="*[tc-v2]", m=m, n=n, dtype=str(dtype), N=N, ok=False,
                                          error=repr(e)[:300]))
                     else:
-                        for op in _batched_ops(m, n):
+                        for op in batched_ops:
                             got[f"{op}[tc-v2]"] = batched[op]
                             want[f"{op}[tc-v2]"], exact[f"{op}[tc-v2]"] = want[op], exact[op]
                 for op in want:
@@ -207,7 +201,8 @@ def stage_parity(args) -> dict:
                         ok = ok and bool(torch.isfinite(a).all()) and a.shape == w.shape and err <= limit
                         worst, limit_worst = max(worst, err), max(limit_worst, limit)
                         errs.append((err, limit))  # per output: which one failed
-                    kernel = "tc-v2" if op.endswith("[tc-v2]") else kernel_id(op.removesuffix("_bwd"), m, n)
+                    with batched_tc() if op.endswith("[tc-v2]") else contextlib.nullcontext():
+                        kernel = kernel_id(op.removesuffix("[tc-v2]").removesuffix("_bwd"), m, n)
                     rows.append(dict(op=op, m=m, n=n, dtype=str(dtype).removeprefix("torch."), N=N, ok=ok,
                                      rel_err=worst, limit=limit_worst, errs=errs, kernel=kernel))
     return dict(rows=rows, failed=sum(not r["ok"] for r in rows))
@@ -239,12 +234,18 @@ def stage_kernels(args) -> dict:
     for m, n in args.slots or sizes["slots"]:
         d, calls = op_calls(N, m, n, sizes["D"], dtype, device)
         ops = {op: (calls[op], calls[op + "_backward"]) for op in OPS}  # name: (forward, backward)
+        batched = _batched_ops(m, n) if args.batched_ab else ()
         for op, (fwd, bwd) in ops.items():
             bytes_f, bytes_b = byte_floors(op, N, m, n, d, dtype.itemsize)  # gpu-kernels.md section 3
-            for impl, lib in libs.items():
+            # (impl, lib, dispatch): the batched kernels beside the per-token ones, same process and inputs
+            variants = [(impl, lib, contextlib.nullcontext) for impl, lib in libs.items()]
+            variants += [("triton-batched", tri, batched_tc)] if op in batched else []
+            for impl, lib, dispatch in variants:
                 try:
-                    ms_f = bench(lambda: fwd(lib))
-                    ms_b = bench(lambda: bwd(lib))
+                    with dispatch():
+                        ms_f = bench(lambda: fwd(lib))
+                        ms_b = bench(lambda: bwd(lib))
+                        kernel = kernel_id(op, m, n) if lib is tri else ""
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(op=op, m=m, n=n, impl=impl, error=repr(e)[:300]))
                     continue
@@ -252,20 +253,7 @@ def stage_kernels(args) -> dict:
                 rows.append(dict(op=op, m=m, n=n, D=sizes["D"], tokens=N, impl=impl, fwd_ms=ms_f,
                                  fwd_bwd_ms=ms_f + ms_b, fwd_gbs=bytes_f / (ms_f * 1e-3) / 1e9,
                                  fwd_floor_pct=100 * floor_f / ms_f, fwd_bwd_floor_pct=100 * floor_fb / (ms_f + ms_b),
-                                 kernel=kernel_id(op, m, n) if impl == "triton" else ""))
-            if args.batched_ab and op in _batched_ops(m, n):
-                # the batched forward beside the per-token one, same process, same inputs (benchmarks/NOTES.md)
-                try:
-                    with batched_tc():
-                        ms_f, ms_b = bench(lambda: fwd(tri)), bench(lambda: bwd(tri))
-                except Exception as e:  # noqa: BLE001
-                    rows.append(dict(op=op, m=m, n=n, impl="triton-batched", error=repr(e)[:300]))
-                    continue
-                floor_f, floor_fb = bytes_f / bandwidth * 1e3, (bytes_f + bytes_b) / bandwidth * 1e3
-                rows.append(dict(op=op, m=m, n=n, D=sizes["D"], tokens=N, impl="triton-batched", fwd_ms=ms_f,
-                                 fwd_bwd_ms=ms_f + ms_b, fwd_gbs=bytes_f / (ms_f * 1e-3) / 1e9,
-                                 fwd_floor_pct=100 * floor_f / ms_f, fwd_bwd_floor_pct=100 * floor_fb / (ms_f + ms_b),
-                                 kernel="tc-v2"))
+                                 kernel=kernel))
     rows += _liger_anchor(args, bench, device)
     return dict(rows=rows, copy_gbs=bandwidth / 1e9)
 
@@ -293,10 +281,34 @@ def _llama(e2e, device):
         return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-def _steps(args, compiled: bool) -> dict:
+def _training_step(e2e, device, ids, ratio, m=None, backend=None):
+    """One AdamW training step of the e2e Llama (widened at ``ratio`` with ``m`` unless None), eager or under
+    ``torch.compile(backend=...)``, as a function; the model is built afresh on ``device``."""
     import torch
 
     import vwn_transform
+
+    base = _llama(e2e, device)
+    model = base if ratio is None else vwn_transform.widen(base, ratio, m=m)
+    del base
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    run = model
+    if backend:
+        options = {"inner": "aot_eager"} if backend == "vwn" and device != "cuda" else None
+        run = torch.compile(model, backend=backend, options=options)
+
+    def step():
+        run(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _steps(args, compiled: bool) -> dict:
+    import torch
+
     from vwn_transform import ops
 
     sizes, device = _sizes(args), _device()
@@ -312,21 +324,7 @@ def _steps(args, compiled: bool) -> dict:
                 for impl in (["-"] if ratio is None else args.impls.split(","))]
     rows = Rows()
     for name, ratio, m, impl, backend in runs:
-        base = _llama(e2e, device)
-        model = base if ratio is None else vwn_transform.widen(base, ratio, m=m)
-        del base
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        run = model
-        if compiled:
-            options = {"inner": "aot_eager"} if backend == "vwn" and device != "cuda" else None
-            run = torch.compile(model, backend=backend, options=options)
-
-        def step():
-            run(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = _training_step(e2e, device, ids, ratio, m, backend)
         ops.set_impl(None if impl == "-" else impl)
         ops.reset_implementations_used()
         try:
@@ -349,7 +347,7 @@ def _steps(args, compiled: bool) -> dict:
             rows.append(dict(model=name, impl=impl, compiled=backend or False, error=repr(e)[:300]))
         finally:
             ops.set_impl(None)
-        del model, run, opt
+        del step
         if compiled:
             torch._dynamo.reset()  # each model compiles afresh, no recompile limit reached across models
         if device == "cuda":
@@ -364,7 +362,6 @@ def stage_profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import vwn_transform
     from vwn_transform import ops
 
     sizes, device = _sizes(args), _device()
@@ -373,16 +370,7 @@ def stage_profile(args) -> dict:
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     per_model = {}
     for name, ratio, impl in (("baseline", None, "-"), ("r=1.5 (2,3)", 1.5, "triton")):
-        base = _llama(e2e, device)
-        model = base if ratio is None else vwn_transform.widen(base, ratio)
-        del base
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = _training_step(e2e, device, ids, ratio)
         ops.set_impl(None if impl == "-" else impl)
         try:
             for _ in range(2):
@@ -405,7 +393,7 @@ def stage_profile(args) -> dict:
             if us > 0:
                 kernels[ev.key] = (us / 1e3, ev.count)
         per_model[name] = kernels
-        del model, opt
+        del step
         if device == "cuda":
             torch.cuda.empty_cache()
     base, wide = per_model["baseline"], per_model["r=1.5 (2,3)"]

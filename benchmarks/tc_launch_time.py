@@ -21,6 +21,7 @@ Two phases, so a candidate that faults the GPU loses nothing else and the timing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -52,24 +53,24 @@ def _rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
 
 
+@contextlib.contextmanager
 def _with_launch(np_, bf16, key, bd, warps):
-    """Set one launch candidate (and, for the dynamic read forward, run the kernel the key names: the per-token
-    ``dynamic_fwd`` or the batched ``dynamic_fwd_batched``); returns the undo."""
+    """Within: one launch candidate, and for the write and dynamic read the kernel the key names (the per-token
+    ``write_fwd`` / ``write_bwd`` / ``dynamic_fwd`` or their ``*_batched`` versions) at this NP."""
     from vwn_transform.kernels import triton_common, triton_tc
 
     table = triton_tc.LAUNCH[(np_, bf16)]
     old, per_token = table[key], set(triton_common.PER_TOKEN_TC)
+    if key.endswith("_batched"):
+        per_token.discard(np_)
+    elif f"{key}_batched" in triton_tc.LAUNCH_KEYS:
+        per_token.add(np_)
     table[key] = (bd, warps)
-    if key.endswith("_batched"):  # the batched kernels ("tc-v2")
-        triton_common.PER_TOKEN_TC.discard(np_)
-    elif key in ("write_fwd", "write_bwd", "dynamic_fwd"):  # the per-token ones they replace
-        triton_common.PER_TOKEN_TC.add(np_)
-
-    def restore():
+    try:
+        with triton_common.per_token_tc(per_token):
+            yield
+    finally:
         table[key] = old
-        triton_common.PER_TOKEN_TC.clear()
-        triton_common.PER_TOKEN_TC.update(per_token)
-    return restore
 
 
 def child_check(np_, operands, key, candidates) -> None:
@@ -88,10 +89,10 @@ def child_check(np_, operands, key, candidates) -> None:
     exact = ops[op](ref, lambda t: t.double())
     for bd, warps in candidates:
         print(json.dumps(dict(trying=[bd, warps])), flush=True)
-        restore = _with_launch(np_, operands == "bf16", key, bd, warps)
         row = dict(np=np_, operands=operands, key=key, bd=bd, warps=warps)
         try:
-            got = ops[op](tc)
+            with _with_launch(np_, operands == "bf16", key, bd, warps):
+                got = ops[op](tc)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             ratios = []  # per output: error against fp64 over the allowed error
@@ -104,8 +105,6 @@ def child_check(np_, operands, key, candidates) -> None:
             if "illegal" in repr(e) or "CUDA error" in repr(e):
                 print(json.dumps(row), flush=True)
                 sys.exit(3)  # the context is gone
-        finally:
-            restore()
         print(json.dumps(row), flush=True)
 
 
@@ -122,14 +121,12 @@ def child_time(np_, operands, plan) -> None:
     for key, candidates in plan.items():
         op = KEY_OP[key]
         for bd, warps in candidates:
-            restore = _with_launch(np_, operands == "bf16", key, bd, warps)
             try:
-                ms = bench(lambda: ops[op](tc))
+                with _with_launch(np_, operands == "bf16", key, bd, warps):
+                    ms = bench(lambda: ops[op](tc))
                 row = dict(np=np_, operands=operands, key=key, bd=bd, warps=warps, ms=ms)
             except Exception as e:  # noqa: BLE001
                 row = dict(np=np_, operands=operands, key=key, bd=bd, warps=warps, error=repr(e)[:200])
-            finally:
-                restore()
             print(json.dumps(row), flush=True)
 
 
@@ -227,8 +224,8 @@ def main(argv=None) -> int:
         ap.error(f"--key {bad}: expected some of {list(KEY_OP)}")
     groups = [(np_, ops) for np_ in args.np or sorted(SHAPES) for ops in args.operands or ("bf16", "fp32")]
     t0 = time.time()
-    # the batched write backward is not launched above WRITE_BWD_BATCHED_MAX_NP (the per-token one runs there)
-    launched = lambda np_, k: k != "write_bwd_batched" or np_ <= triton_tc.WRITE_BWD_BATCHED_MAX_NP  # noqa: E731
+    # a batched kernel only where it is launched (triton_tc.BATCHED_MAX_NP: the per-token one runs above)
+    launched = lambda np_, k: not k.endswith("_batched") or triton_tc.batched_launched(k, np_)  # noqa: E731
     rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys if launched(np_, k)], args.timeout,
                      args.out)
     print(f"[tc_launch_time] check phase: {len(rows)} candidates in {time.time() - t0:.0f} s", flush=True)

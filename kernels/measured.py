@@ -39,7 +39,7 @@ FMA_GATES = "fma-v2"
 # compiles to the kernel measured)
 TENSOR_CORE = "tc-v1"
 # the batched tensor-core kernels (several tokens per program, triton_common.BATCHED_TOKENS): the write + carry
-# forward and backward (the backward only up to triton_tc.WRITE_BWD_BATCHED_MAX_NP = 32 slots, tc-v1's above), and
+# forward and backward (the backward only up to 32 slots, triton_tc.BATCHED_MAX_NP; tc-v1's above), and
 # the dynamic read forward (its backward is tc-v1's)
 TENSOR_CORE_BATCHED = "tc-v2"
 

@@ -16,6 +16,7 @@ imported), which is how CI tests these kernels.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -53,6 +54,20 @@ def tc_batched_tokens(n: int) -> int:
     (:data:`PER_TOKEN_TC`)."""
     np_ = pow2(n)
     return 1 if np_ in PER_TOKEN_TC else BATCHED_TOKENS.get(np_, 1)  # n > MAX_N: no kernel runs (check_slots)
+
+
+@contextlib.contextmanager
+def per_token_tc(slot_counts):
+    """Within: the per-token tensor-core kernels run at exactly these padded slot counts (:data:`PER_TOKEN_TC`), the
+    batched ones elsewhere; restored afterwards (benchmarks and tests run both side by side)."""
+    saved = set(PER_TOKEN_TC)
+    PER_TOKEN_TC.clear()
+    PER_TOKEN_TC.update(slot_counts)
+    try:
+        yield
+    finally:
+        PER_TOKEN_TC.clear()
+        PER_TOKEN_TC.update(saved)
 
 
 def interpreting() -> bool:

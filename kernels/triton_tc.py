@@ -10,10 +10,10 @@ Per token the mixing is a small matrix product with the slot width as the long s
 * dynamic gates: ``U[n, 2m+n] = H[n, d] wg[d, 2m+n]`` summed over the chunks, then ``1/rms``, the logits and
   ``static + scale * tanh(logit)`` on the ``[n, 2m+n]`` tile in registers.
 
-The dynamic read forward also comes batched ("tc-v2", :func:`_read_dynamic_tc_fwd_batched`): a program takes
-``TB`` tokens at once (``TB * NP`` = 128 state rows per tile), the projection is one ``[TB*NP, BD] @ [BD, *]``
-product per chunk and the read one batched ``[TB, MP, NP] @ [TB, NP, BD]`` product; which forward runs at which
-slot count: ``triton_common.BATCHED_TOKENS`` / ``PER_TOKEN_TC``.
+The write + carry (forward; backward up to :data:`BATCHED_MAX_NP`) and the dynamic read forward also come batched
+("tc-v2", ``*_batched`` kernels): a program takes ``TB`` tokens at once (``TB * NP`` = 128 state rows per tile)
+and runs batched 3-D products (the dynamic read's projection as one ``[TB*NP, BD] @ [BD, *]`` product per chunk);
+which kernels run at which slot count: ``triton_common.BATCHED_TOKENS`` / ``PER_TOKEN_TC`` and :func:`_tokens`.
 
 Slot counts are padded to 16 (``NP``, ``MP``: the smallest ``tl.dot`` side) by masked loads, which read nothing
 for the padding; the state is read in its own dtype, never copied to fp32 in HBM.
@@ -638,10 +638,11 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 # (benchmarks/tc_launch_time.py, benchmarks/RESULTS.md); at NP = 64 bf16 (64, 4) rather than the widest clean
 # (128, 4), which sits at 255 registers.
 DYNAMIC_FWD_WARPS = 4
-# the batched write backward holds [TB, NP, NP] carry maps and their gradients in registers: at NP = 64 (TB = 2) every
-# (BD, warps) tried spilled (2-26 KB per thread), so there the per-token backward runs (its LAUNCH entry at NP = 64
-# is unused). Changing this changes what kernel_id "tc-v2" names for the write at NP = 64: bump the id with it.
-WRITE_BWD_BATCHED_MAX_NP = 32
+# The largest NP at which a batched kernel is launched (default: every NP); above it its per-token kernel runs. The
+# batched write backward holds [TB, NP, NP] carry maps and their gradients in registers: at NP = 64 (TB = 2) every
+# (BD, warps) tried spilled (2-26 KB per thread), so its LAUNCH entry at NP = 64 is unused. Changing this changes
+# what kernel_id "tc-v2" names for the write at NP = 64: bump the id with it.
+BATCHED_MAX_NP = {"write_bwd_batched": 32}
 LAUNCH = {
     (16, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
@@ -669,6 +670,18 @@ LAUNCH = {
                   "write_fwd_batched": (16, 2), "write_bwd_batched": (16, 2)},
 }
 LAUNCH_KEYS = tuple(LAUNCH[(64, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
+
+
+def batched_launched(key: str, np_: int) -> bool:
+    """Whether the batched kernel ``key`` (a ``*_batched`` key of :data:`LAUNCH`) is launched at NP
+    (:data:`BATCHED_MAX_NP`); False for keys without a batched kernel."""
+    return key.endswith("_batched") and key in LAUNCH_KEYS and np_ <= BATCHED_MAX_NP.get(key, max(BATCHED_TOKENS))
+
+
+def _tokens(key: str, n: int) -> int:
+    """Tokens per program of the batched version of kernel ``key`` at ``n`` slots, or 1 where the per-token one runs
+    (:func:`triton_common.tc_batched_tokens`, :func:`batched_launched`)."""
+    return tc_batched_tokens(n) if batched_launched(f"{key}_batched", pow2(n)) else 1
 
 
 def launch_allowed(np_: int, key: str, bd: int, warps: int) -> bool:
@@ -726,7 +739,7 @@ def write(h, z, carry_c, write_c):
     static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
     out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N and d:
-        tokens, bf16 = tc_batched_tokens(n), h.dtype == z.dtype == torch.bfloat16
+        tokens, bf16 = _tokens("write_fwd", n), h.dtype == z.dtype == torch.bfloat16
         if tokens > 1:
             cfg = _batched_launch(n, m, d, bf16, "write_fwd_batched")
             _write_tc_fwd_batched[(_programs(N, tokens),)](h, z, cc, wc, out, N, d, STATIC=static, TB=tokens,
@@ -745,16 +758,14 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     z = contiguous3(z, m, d, "z")
     g = contiguous3(grad_out, n, d, "grad_out")
     static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
-    tokens, bf16 = tc_batched_tokens(n), h.dtype == z.dtype == torch.bfloat16
-    if pow2(n) > WRITE_BWD_BATCHED_MAX_NP:
-        tokens = 1
+    tokens, bf16 = _tokens("write_bwd", n), h.dtype == z.dtype == torch.bfloat16
     cfg = configs(n, m, d, bf16)["write_bwd"]
     programs = _programs(N, tokens if tokens > 1 else cfg["TPP"])
     g_h, g_z = torch.empty_like(h), torch.empty_like(z)
     rows = programs if static else N  # per-program partials (static) or per-token gradients (dynamic)
     g_cc = torch.zeros((rows, n, n), device=h.device, dtype=torch.float32)
     g_wc = torch.zeros((rows, n, m), device=h.device, dtype=torch.float32)
-    if N and tokens > 1:  # (tokens > 1 only up to WRITE_BWD_BATCHED_MAX_NP, see above)
+    if N and tokens > 1:
         _write_tc_bwd_batched[(programs,)](h, z, cc, wc, g, g_h, g_z, g_cc, g_wc, N, d, STATIC=static, TB=tokens,
                                            **_pads(n, m), **_batched_launch(n, m, d, bf16, "write_bwd_batched"))
     elif N:
@@ -804,7 +815,7 @@ def read_dynamic(h, norm_weight, proj, gates, scales, eps):
     write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
     stats = torch.empty((N, n, K + 1), device=h.device, dtype=torch.float32)
     if N:
-        tokens = tc_batched_tokens(n)
+        tokens = _tokens("dynamic_fwd", n)
         args = (h, wgt, base, scales, x, carry_c, write_c, stats, N, d, float(eps), 1.0 / math.sqrt(max(d, 1)))
         if tokens > 1:
             _read_dynamic_tc_fwd_batched[(_programs(N, tokens),)](
@@ -884,9 +895,11 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
             sizes = dict(BD=c["BD"], TB=BATCHED_TOKENS[pads["NP"]])
         else:
             sizes = dict(TPP=c["TPP"], BD=c["BD"])
-        # ids: the kernel_id()s under which the launchers run it (the dynamic read's backward serves both forwards)
+        # ids: the kernel_id()s under which the launchers run it. A batched kernel runs under tc-v2; a per-token one
+        # under tc-v1, and also under tc-v2 where no batched version of it is launched (e.g. the dynamic read's
+        # backward behind either forward)
         version = TENSOR_CORE_BATCHED if which.endswith("_batched") else KERNEL_ID
-        ids = {KERNEL_ID, TENSOR_CORE_BATCHED} if which.startswith("dynamic_bwd") else {version}
+        ids = {version} | ({TENSOR_CORE_BATCHED} if not batched_launched(f"{which}_batched", pads["NP"]) else set())
         return dict(kernel=f"{name}[{version}]", fn=fn, args=args, constexprs=dict(**pads, **sizes, **constexprs),
                     num_warps=c["num_warps"], num_stages=c["num_stages"], launch=which, ids=ids)
 
@@ -899,16 +912,13 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
         specs.append(spec(f"write_bwd[{kind}]", _write_tc_bwd,
                           dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
                                gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d), "write_bwd", STATIC=static))
-        if pads["NP"] > WRITE_BWD_BATCHED_MAX_NP:  # the per-token backward also behind the batched forward there
-            specs[-1]["ids"] = {KERNEL_ID, TENSOR_CORE_BATCHED}
         specs.append(spec(f"write_fwd_batched[{kind}]", _write_tc_fwd_batched,
                           dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, out_ptr=ptr, N=16384, d=d),
                           "write_fwd_batched", STATIC=static, PARTS=_parts(_TORCH_DTYPES[dtype])))
-        if pads["NP"] > WRITE_BWD_BATCHED_MAX_NP:  # never launched there
-            continue
         specs.append(spec(f"write_bwd_batched[{kind}]", _write_tc_bwd_batched,
                           dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
                                gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d), "write_bwd_batched", STATIC=static))
+    specs = [s for s in specs if not s["launch"].endswith("_batched") or batched_launched(s["launch"], pads["NP"])]
     return specs + [
         spec("read_static_fwd", _read_tc_fwd, dict(h_ptr=ptr, read_ptr=f32, x_ptr=ptr, N=16384, d=d), "read_fwd"),
         spec("read_static_bwd", _read_tc_bwd,
