@@ -904,20 +904,16 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
                     num_warps=c["num_warps"], num_stages=c["num_stages"], launch=which, ids=ids)
 
     specs = []
-    for static in (False, True):
-        kind = "static" if static else "dynamic"
-        specs.append(spec(f"write_fwd[{kind}]", _write_tc_fwd,
-                          dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, out_ptr=ptr, N=16384, d=d),
-                          "write_fwd", STATIC=static, PARTS=_parts(_TORCH_DTYPES[dtype])))
-        specs.append(spec(f"write_bwd[{kind}]", _write_tc_bwd,
-                          dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
-                               gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d), "write_bwd", STATIC=static))
-        specs.append(spec(f"write_fwd_batched[{kind}]", _write_tc_fwd_batched,
-                          dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, out_ptr=ptr, N=16384, d=d),
-                          "write_fwd_batched", STATIC=static, PARTS=_parts(_TORCH_DTYPES[dtype])))
-        specs.append(spec(f"write_bwd_batched[{kind}]", _write_tc_bwd_batched,
-                          dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
-                               gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d), "write_bwd_batched", STATIC=static))
+    write_fwd_args = dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, out_ptr=ptr, N=16384, d=d)
+    write_bwd_args = dict(h_ptr=ptr, z_ptr=ptr, carry_ptr=f32, write_ptr=f32, g_ptr=ptr, gh_ptr=ptr, gz_ptr=ptr,
+                          gcarry_ptr=f32, gwrite_ptr=f32, N=16384, d=d)
+    for suffix, fwd, bwd in (("", _write_tc_fwd, _write_tc_bwd), ("_batched", _write_tc_fwd_batched,
+                                                                   _write_tc_bwd_batched)):
+        for static in (False, True):
+            kind = "static" if static else "dynamic"
+            specs.append(spec(f"write_fwd{suffix}[{kind}]", fwd, write_fwd_args, f"write_fwd{suffix}", STATIC=static,
+                              PARTS=_parts(_TORCH_DTYPES[dtype])))
+            specs.append(spec(f"write_bwd{suffix}[{kind}]", bwd, write_bwd_args, f"write_bwd{suffix}", STATIC=static))
     specs = [s for s in specs if not s["launch"].endswith("_batched") or batched_launched(s["launch"], pads["NP"])]
     return specs + [
         spec("read_static_fwd", _read_tc_fwd, dict(h_ptr=ptr, read_ptr=f32, x_ptr=ptr, N=16384, d=d), "read_fwd"),
