@@ -7,9 +7,10 @@ Stages (timeouts in seconds, each a maximum: 9 minutes at most in all; the first
 * ``env`` (30): device, torch/triton versions, device copy GB/s, bf16 GEMM TFLOP/s.
 * ``parity`` (120): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
   Triton), against the plain-PyTorch reference and an fp64 reference: (1,4), (2,3), (8,16), (8,32) (where the
-  batched tensor-core write backward runs), (8,64), bf16 and
-  fp32, 577 and 16384 tokens, D=2048: each output within twice the reference's own error against fp64 (at least
-  2e-5 relative for fp32 outputs). One process per (m, n) and dtype, all at once: the first native compile of
+  batched tensor-core write backward runs), (8,64), bf16 and fp32, 577 and 16384 tokens, D=2048, and (2,3),
+  (3,12), (8,64) at 577 tokens and D=2040 (slot widths that are not multiples of 16: ``triton_common.aligned``):
+  each output within twice the reference's own error against fp64 (at least 2e-5 relative for fp32 outputs). One
+  process per (m, n), dtype and width, all at once: the first native compile of
   each kernel dominates this stage, and the compiles of different shapes then run on different CPU cores (the
   later stages find them in Triton's cache). Failures are marked; timing goes on.
 * ``kernels`` (120): per op and (m, n) in (1,4), (2,3), (8,16), (8,64) at D=2048, 16384 tokens, bf16: eager
@@ -59,9 +60,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 STAGES = {"env": 30, "parity": 120, "kernels": 120, "e2e": 90, "profile": 45, "compiled": 150}
+# unaligned_parity: parity also at a slot width d = D/m that is not a multiple of 16 (scalar loads, narrower chunks:
+# triton_common.aligned), fewer tokens
 FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(1, 4), (2, 3),
-            (8, 16), (8, 32), (8, 64)], e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
+            (8, 16), (8, 32), (8, 64)], unaligned_parity=dict(D=2040, tokens=(577,), slots=[(2, 3), (3, 12), (8, 64)]),
+            e2e=dict(hidden=2048, layers=4, batch=4, seq=2048, heads=16, vocab=32000))
 SMOKE = dict(tokens=(1, 33), D=48, slots=[(1, 4), (2, 3)], parity_slots=[(2, 3), (1, 4)],
+             unaligned_parity=dict(D=40, tokens=(33,), slots=[(2, 3)]),
              e2e=dict(hidden=48, layers=2, batch=2, seq=16, heads=2, vocab=128))
 E2E_CASES = [("baseline", None, None), ("r=1.5 (2,3)", 1.5, None), ("r=4 (2,8)", 4, 2), ("r=8 (8,64)", 8, 8)]
 
@@ -158,53 +163,54 @@ def stage_parity(args) -> dict:
     sizes, device = _sizes(args), _device()
     rows = Rows()
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for m, n in args.slots or sizes["parity_slots"]:
+    shape = sizes["unaligned_parity"] if args.unaligned else dict(sizes, slots=sizes["parity_slots"])
+    D = shape["D"]
+    for m, n, N in [(m, n, N) for m, n in args.slots or shape["slots"] for N in shape["tokens"]]:
         for dtype in [dtypes[args.dtype]] if args.dtype else dtypes.values():
-            for N in sizes["tokens"]:
-                d, h, z, p = make_case(N, m, n, sizes["D"], dtype, device)
-                g = torch.Generator(device="cpu").manual_seed(1)
-                rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
-                case = dict(h=h, z=z, p=p, gx=rnd(N, m, d).to(dtype), gcc=rnd(N, n, n), gwc=rnd(N, n, m),
-                            gout=rnd(N, n, d).to(dtype), cc=rnd(N, n, n), wc=rnd(N, n, m))
-                P = read_params(p)
-                case["stats"] = ref.read_dynamic(h, *P, 1e-6)[3]
-                case["h_new"] = ref.write(h, z, case["cc"], case["wc"])
-                case["stats_new"] = ref.read_dynamic(case["h_new"], *P, 1e-6)[3]
+            d, h, z, p = make_case(N, m, n, D, dtype, device)
+            g = torch.Generator(device="cpu").manual_seed(1)
+            rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+            case = dict(h=h, z=z, p=p, gx=rnd(N, m, d).to(dtype), gcc=rnd(N, n, n), gwc=rnd(N, n, m),
+                        gout=rnd(N, n, d).to(dtype), cc=rnd(N, n, n), wc=rnd(N, n, m))
+            P = read_params(p)
+            case["stats"] = ref.read_dynamic(h, *P, 1e-6)[3]
+            case["h_new"] = ref.write(h, z, case["cc"], case["wc"])
+            case["stats_new"] = ref.read_dynamic(case["h_new"], *P, 1e-6)[3]
+            try:
+                got = _op_outputs(tri, case, lambda t: t)
+            except Exception as e:  # noqa: BLE001 - a failed op is a row, the stage goes on
+                rows.append(dict(op="*", m=m, n=n, D=D, dtype=str(dtype), N=N, ok=False, error=repr(e)[:300]))
+                continue
+            want = _op_outputs(ref, case, lambda t: t)
+            exact = _op_outputs(ref, case, lambda t: t.double())
+            batched_ops = _batched_ops(m, n) if args.batched_ab else ()
+            if batched_ops:  # the batched kernels beside the per-token ones, as rows "<op>[tc-v2]"
                 try:
-                    got = _op_outputs(tri, case, lambda t: t)
-                except Exception as e:  # noqa: BLE001 - a failed op is a row, the stage goes on
-                    rows.append(dict(op="*", m=m, n=n, dtype=str(dtype), N=N, ok=False, error=repr(e)[:300]))
-                    continue
-                want = _op_outputs(ref, case, lambda t: t)
-                exact = _op_outputs(ref, case, lambda t: t.double())
-                batched_ops = _batched_ops(m, n) if args.batched_ab else ()
-                if batched_ops:  # the batched kernels beside the per-token ones, as rows "<op>[tc-v2]"
-                    try:
-                        with batched_tc():
-                            batched = _op_outputs(tri, case, lambda t: t)
-                    except Exception as e:  # noqa: BLE001
-                        rows.append(dict(op="*[tc-v2]", m=m, n=n, dtype=str(dtype), N=N, ok=False,
-                                         error=repr(e)[:300]))
-                    else:
-                        for op in batched_ops:
-                            got[f"{op}[tc-v2]"] = batched[op]
-                            want[f"{op}[tc-v2]"], exact[f"{op}[tc-v2]"] = want[op], exact[op]
-                for op in want:
-                    worst, limit_worst, ok, errs = 0.0, 0.0, True, []
-                    for a, w, e in zip(got[op], want[op], exact[op]):
-                        err = _rel(a, e)
-                        # fp32 outputs (all of an fp32 state's; a bf16 state's coefficients and their gradients):
-                        # within 2e-5 at least. On the H200 the bf16 tensor-core sums of dL/dRead at (8, 16) came
-                        # 2.4e-6 from fp64 where the eager reference was 3.6e-7 (the MMA's fp32 accumulation).
-                        limit = (max(2e-5, 2 * _rel(w, e)) if a.dtype == torch.float32
-                                 else 2 * _rel(w, e) + 1e-6)
-                        ok = ok and bool(torch.isfinite(a).all()) and a.shape == w.shape and err <= limit
-                        worst, limit_worst = max(worst, err), max(limit_worst, limit)
-                        errs.append((err, limit))  # per output: which one failed
-                    with batched_tc() if op.endswith("[tc-v2]") else contextlib.nullcontext():
-                        kernel = kernel_id(op.removesuffix("[tc-v2]").removesuffix("_bwd"), m, n)
-                    rows.append(dict(op=op, m=m, n=n, dtype=str(dtype).removeprefix("torch."), N=N, ok=ok,
-                                     rel_err=worst, limit=limit_worst, errs=errs, kernel=kernel))
+                    with batched_tc():
+                        batched = _op_outputs(tri, case, lambda t: t)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(op="*[tc-v2]", m=m, n=n, D=D, dtype=str(dtype), N=N, ok=False,
+                                     error=repr(e)[:300]))
+                else:
+                    for op in batched_ops:
+                        got[f"{op}[tc-v2]"] = batched[op]
+                        want[f"{op}[tc-v2]"], exact[f"{op}[tc-v2]"] = want[op], exact[op]
+            for op in want:
+                worst, limit_worst, ok, errs = 0.0, 0.0, True, []
+                for a, w, e in zip(got[op], want[op], exact[op]):
+                    err = _rel(a, e)
+                    # fp32 outputs (all of an fp32 state's; a bf16 state's coefficients and their gradients):
+                    # within 2e-5 at least. On the H200 the bf16 tensor-core sums of dL/dRead at (8, 16) came
+                    # 2.4e-6 from fp64 where the eager reference was 3.6e-7 (the MMA's fp32 accumulation).
+                    limit = (max(2e-5, 2 * _rel(w, e)) if a.dtype == torch.float32
+                             else 2 * _rel(w, e) + 1e-6)
+                    ok = ok and bool(torch.isfinite(a).all()) and a.shape == w.shape and err <= limit
+                    worst, limit_worst = max(worst, err), max(limit_worst, limit)
+                    errs.append((err, limit))  # per output: which one failed
+                with batched_tc() if op.endswith("[tc-v2]") else contextlib.nullcontext():
+                    kernel = kernel_id(op.removesuffix("[tc-v2]").removesuffix("_bwd"), m, n)
+                rows.append(dict(op=op, m=m, n=n, D=D, dtype=str(dtype).removeprefix("torch."), N=N, ok=ok,
+                                 rel_err=worst, limit=limit_worst, errs=errs, kernel=kernel))
     return dict(rows=rows, failed=sum(not r["ok"] for r in rows))
 
 
@@ -558,6 +564,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # child process: one of a stage's parts
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help=argparse.SUPPRESS)  # parity part
+    ap.add_argument("--unaligned", action="store_true", help=argparse.SUPPRESS)  # parity part: unaligned_parity
     args = ap.parse_args(argv)
     if args.slots:
         args.slots = [tuple(int(x) for x in part.split(",")) for part in args.slots.split(";")]
@@ -599,6 +606,10 @@ def main(argv=None) -> int:
             slots = args.slots or _sizes(args)["parity_slots"]
             parts = {f"{m}x{n}.{dt}": cmd + ["--slots", f"{m},{n}", "--dtype", dt, "--part", f"{m}x{n}.{dt}"]
                      for m, n in slots for dt in ("bf16", "fp32")}
+            if not args.slots:  # and at an unaligned slot width
+                parts.update({f"{m}x{n}.unaligned.{dt}": cmd + ["--slots", f"{m},{n}", "--dtype", dt, "--unaligned",
+                                                                "--part", f"{m}x{n}.unaligned.{dt}"]
+                              for m, n in _sizes(args)["unaligned_parity"]["slots"] for dt in ("bf16", "fp32")})
         t0 = time.time()
         print(f"[gpu_check] stage {stage} (timeout {timeout} s, {len(parts)} process(es)) ...", flush=True)
         results[stage] = _run_parts(args.out, stage, parts, timeout * (4 if args.smoke else 1))

@@ -8,8 +8,10 @@ bundled ``ptxas -v --gpu-name=sm_90a`` on the PTX (registers, spill stores/loads
 memory per program) and a count of ``mma.sync``/``wgmma`` instructions in the PTX. Exit status 1 on any spill, on
 more than 100 KB of shared memory per program, or on a compile that failed or timed out.
 
-Shapes: (m, n) in {(1,4), (2,3), (4,4), (8,16), (8,64), (16,64)}, D in {2048, 4096} (slot width d = D/m),
-bf16 and fp32 states, 16384 tokens. ``--kernels dispatched`` (default) compiles what ``VWN_IMPL=triton`` runs at
+Shapes: (m, n) in {(1,4), (2,3), (4,4), (8,16), (8,64), (16,64)}, D in {2048, 4096, 2040} (slot width d = D/m;
+D = 2040 gives a d that is not a multiple of 16 at every m above, which Triton compiles with scalar loads and the
+launchers give narrower chunks: ``triton_common.aligned``), bf16 and fp32 states, 16384 tokens. ``--odd`` adds
+slot counts between the powers of two, where the padding masks change what ptxas keeps in registers. ``--kernels dispatched`` (default) compiles what ``VWN_IMPL=triton`` runs at
 each (m, n): the FMA kernels ("fma-v1") where they run, the tensor-core kernels ("tc-v1") for the rest;
 ``--kernels tc`` the tensor-core kernels everywhere; ``--kernels all`` both families wherever they compile.
 (The first, padded ``tl.dot`` kernels, "padded-dot-v1", failed this gate everywhere; their figures are in
@@ -19,6 +21,7 @@ Usage::
 
     python benchmarks/kernel_static_check.py                   # everything (minutes; a cold Triton cache more)
     python benchmarks/kernel_static_check.py --quick           # the CI subset (tests/test_static_gate.py)
+    python benchmarks/kernel_static_check.py --odd --D 2040    # odd slot counts, unaligned slot widths too
     python benchmarks/kernel_static_check.py --only write_fwd --slots 2,3 --D 2048 --dtype bf16 --json out.json
 
 Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces compilation): run as a program, it unsets it.
@@ -39,7 +42,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SLOTS = [(1, 4), (2, 3), (4, 4), (8, 16), (8, 64), (16, 64)]  # (m, n)
-WIDTHS = [2048, 4096]
+ODD_SLOTS = [(3, 5), (5, 7), (3, 9), (3, 12), (8, 17), (8, 33), (12, 40)]  # --odd
+WIDTHS = [2048, 4096, 2040]  # 2040: an unaligned slot width at every m of SLOTS
 DTYPES = ["bf16", "fp32"]
 TOKENS = 16384
 SMEM_LIMIT = 100 * 1024
@@ -195,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", choices=("dispatched", "tc", "all"), default="dispatched")
     ap.add_argument("--only", action="append", default=None, help="kernel name prefix/substring (repeatable)")
     ap.add_argument("--slots", type=_slots, default=None, help='(m, n) pairs: "2,3;8,64"')
+    ap.add_argument("--odd", action="store_true", help=f"add the odd slot counts {ODD_SLOTS}")
     ap.add_argument("--D", type=int, action="append", default=None)
     ap.add_argument("--dtype", action="append", choices=DTYPES, default=None)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per compile")
@@ -204,7 +209,7 @@ def main(argv=None) -> int:
     slots, widths, dtypes, only = SLOTS, WIDTHS, DTYPES, None
     if args.quick:
         slots, widths, dtypes, only = QUICK["slots"], QUICK["widths"], QUICK["dtypes"], QUICK["only"]
-    slots = args.slots or slots
+    slots = (args.slots or slots) + (ODD_SLOTS if args.odd else [])
     widths = args.D or widths
     dtypes = args.dtype or dtypes
     only = args.only or only

@@ -59,7 +59,7 @@ def _with_launch(np_, bf16, key, bd, warps):
     ``write_fwd`` / ``write_bwd`` / ``dynamic_fwd`` or their ``*_batched`` versions) at this NP."""
     from vwn_transform.kernels import triton_common, triton_tc
 
-    table = triton_tc.LAUNCH[(np_, bf16)]
+    table = triton_tc.LAUNCH[(np_, bf16, True)]
     old, per_token = table[key], set(triton_common.PER_TOKEN_TC)
     if key.endswith("_batched"):
         per_token.discard(np_)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for np_, ops in groups:
         for k in keys:
-            table = triton_tc.LAUNCH[(np_, ops == "bf16")][k]
+            table = triton_tc.LAUNCH[(np_, ops == "bf16", True)][k]
             mine = [r for r in timed if (r["np"], r["operands"], r["key"]) == (np_, ops, k) and "ms" in r]
             cur = next((r["ms"] for r in mine if (r["bd"], r["warps"]) == tuple(table)), None)
             best = min(mine, key=lambda r: r["ms"], default=None)

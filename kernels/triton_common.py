@@ -100,6 +100,15 @@ def pow2(x: int, floor: int = 16) -> int:
     return p
 
 
+def aligned(d: int) -> bool:
+    """Whether the slot width ``d`` is a multiple of 16. The Triton JIT specializes integer arguments on that: then
+    every state row starts 16 elements in and its loads are vectorized (16-byte bf16 loads). At any other d it
+    compiles scalar loads, each element with its own address and predicate registers, and tiles that fit at an
+    aligned d spill (up to KBs per thread: benchmarks/NOTES.md, "Unaligned slot widths"), so the launchers choose
+    their chunks per alignment. A CPU tensor under the interpreter runs the same chunks."""
+    return d % 16 == 0
+
+
 def check_slots(n: int, m: int) -> None:
     if not (1 <= m <= MAX_M and 1 <= n <= MAX_N):
         raise ValueError(f"the Triton GHC kernels support m <= {MAX_M} and n <= {MAX_N}, got (m, n) = ({m}, {n})")

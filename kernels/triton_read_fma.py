@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (contiguous3, dynamic_read_parameter_grads, fma_dynamic_read_supports, fma_supports,
-                           gate_maps, interpreter_bt, interpreting, launch_kwargs, state_view)
+from .triton_common import (aligned, contiguous3, dynamic_read_parameter_grads, fma_dynamic_read_supports,
+                           fma_supports, gate_maps, interpreter_bt, interpreting, launch_kwargs, state_view)
 from .measured import FMA_GATES, FMA_MIXING
 from .reference import gate_slots
 from .triton_helpers import coefficient, tanh, to_output
@@ -295,10 +295,12 @@ def configs(n: int, m: int, d: int) -> dict[str, dict]:
     gates = n * (2 * m + n)
     return {
         "mix_fwd": dict(BT=interpreter_bt(max(1, 8 * 32 * 4 // bd_full)), BD=bd_full, num_warps=4, num_stages=1),
-        "mix_bwd": walk(4, 128, 4),
+        # unaligned slot widths (scalar loads, triton_common.aligned): BD 128 spilled 324-328 B at (5, 7)
+        "mix_bwd": walk(4, 128 if aligned(d) or 2 * n + m <= 16 else 64, 4),
         "dynamic_fwd": walk(4, 256 if gates <= 24 else 128 if gates <= 48 else 64, 4),
         # 8 warps: with 4, ptxas spilled 8-16 B at 72 registers at (2, 3) fp32, (4, 4) fp32 and (2, 8)
-        "dynamic_bwd_coef": walk(8, 256, 8),
+        # unaligned slot widths: BD 256 spilled 4 B at (4, 6) (84 gates; (2, 8) and (1, 8) were clean)
+        "dynamic_bwd_coef": walk(8, 256 if aligned(d) or gates <= 48 else 128, 8),
         "dynamic_bwd_state": walk(4, 128 if gates <= 24 else 64, 4),
     }
 

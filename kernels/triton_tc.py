@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (BATCHED_TOKENS, contiguous3, dynamic_read_parameter_grads, gate_maps, interpreting,
-                           launch_kwargs, pow2, state_view, tc_batched_tokens, write_coefficients)
+from .triton_common import (BATCHED_TOKENS, aligned, contiguous3, dynamic_read_parameter_grads, gate_maps,
+                           interpreting, launch_kwargs, pow2, state_view, tc_batched_tokens, write_coefficients)
 from .measured import TENSOR_CORE, TENSOR_CORE_BATCHED
 from .reference import gate_slots
 from .triton_helpers import tanh, to_output
@@ -630,46 +630,78 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 # ---------------------------------------------------------------------------------------------------------------
 # launch parameters and host functions
 # ---------------------------------------------------------------------------------------------------------------
-# (padded slot count NP, every state operand bf16) -> {kernel: (BD, num_warps)}: per kernel the widest chunk that
-# compiled for sm_90a without spills and within 100 KB of shared memory per program, found by
-# benchmarks/tc_launch_search.py (triton 3.7.1; m <= 16 always pads to MP = 16). Not yet timed on a GPU.
-# dynamic_fwd runs 4 warps only (DYNAMIC_FWD_WARPS): on the H200 (triton 3.6.0) its 8-warp launches at NP = 64 gave
-# wrong carry coefficients and statistics or an illegal memory access, every 4-warp one was correct
-# (benchmarks/tc_launch_time.py, benchmarks/RESULTS.md); at NP = 64 bf16 (64, 4) rather than the widest clean
-# (128, 4), which sits at 255 registers.
+# (padded slot count NP, every state operand bf16, slot width aligned) -> {kernel: (BD, num_warps)}: per kernel the
+# widest chunk that compiled for sm_90a without spills and within 100 KB of shared memory per program at every
+# representative (m, n) of that NP, found by benchmarks/tc_launch_search.py (triton 3.7.1; m <= 16 always pads to
+# MP = 16). "aligned": d a multiple of 16 (triton_common.aligned); the unaligned launches are narrower (scalar loads).
+# None: no candidate compiled without spills; the other form of that kernel runs there (_tokens). Not yet timed on
+# a GPU. dynamic_fwd runs 4 warps only (DYNAMIC_FWD_WARPS): on the H200 (triton 3.6.0) its 8-warp launches at NP =
+# 64 gave wrong carry coefficients and statistics or an illegal memory access, every 4-warp one was correct
+# (benchmarks/tc_launch_time.py, benchmarks/RESULTS.md); at NP = 64 bf16 aligned (64, 4) rather than the widest
+# clean (128, 4), which sits at 255 registers.
 DYNAMIC_FWD_WARPS = 4
-# The largest NP at which a batched kernel is launched (default: every NP); above it its per-token kernel runs. The
-# batched write backward holds [TB, NP, NP] carry maps and their gradients in registers: at NP = 64 (TB = 2) every
-# (BD, warps) tried spilled (2-26 KB per thread), so its LAUNCH entry at NP = 64 is unused. Changing this changes
-# what kernel_id "tc-v2" names for the write at NP = 64: bump the id with it.
+# The largest NP at which a batched kernel is launched (default: every NP); above it its per-token kernel runs
+# (unless that one has no spill-free launch: _tokens). The batched write backward holds [TB, NP, NP] carry maps and
+# their gradients in registers: at NP = 64 (TB = 2) and an aligned width every (BD, warps) tried spilled (2-26 KB
+# per thread). Changing this changes what kernel_id "tc-v2" names for the write at NP = 64: bump the id with it.
 BATCHED_MAX_NP = {"write_bwd_batched": 32}
 LAUNCH = {
-    (16, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
-                 "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
-                 "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 4),
-                 "write_fwd_batched": (64, 4), "write_bwd_batched": (64, 8)},
-    (16, False): {"write_fwd": (256, 4), "write_bwd": (32, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
-                  "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 8),
-                  "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
-    (32, True): {"write_fwd": (256, 4), "write_bwd": (64, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
-                 "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
-                 "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 4),
-                 "write_fwd_batched": (64, 4), "write_bwd_batched": (16, 4)},
-    (32, False): {"write_fwd": (128, 4), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
-                  "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                  "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8),
-                  "write_fwd_batched": (32, 4), "write_bwd_batched": (16, 4)},
-    (64, True): {"write_fwd": (128, 4), "write_bwd": (128, 4), "read_fwd": (128, 4), "read_bwd": (128, 4),
-                 "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
-                 "dynamic_bwd_dwg": (64, 4), "dynamic_fwd_batched": (64, 4),
-                 "write_fwd_batched": (32, 2), "write_bwd_batched": (32, 2)},
-    (64, False): {"write_fwd": (64, 4), "write_bwd": (32, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
-                  "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
-                  "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
-                  "write_fwd_batched": (16, 2), "write_bwd_batched": (16, 2)},
+    (16, True, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
+                       "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
+                       "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 4),
+                       "write_fwd_batched": (64, 4), "write_bwd_batched": (64, 8)},
+    (16, False, True): {"write_fwd": (256, 4), "write_bwd": (32, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
+                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
+                        "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 8),
+                        "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
+    (32, True, True): {"write_fwd": (256, 4), "write_bwd": (64, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
+                       "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
+                       "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 4),
+                       "write_fwd_batched": (64, 4), "write_bwd_batched": (16, 4)},
+    (32, False, True): {"write_fwd": (128, 4), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
+                        "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
+                        "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8),
+                        "write_fwd_batched": (32, 4), "write_bwd_batched": (16, 4)},
+    (64, True, True): {"write_fwd": (128, 4), "write_bwd": (128, 4), "read_fwd": (128, 4), "read_bwd": (128, 4),
+                       "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
+                       "dynamic_bwd_dwg": (64, 4), "dynamic_fwd_batched": (64, 4),
+                       "write_fwd_batched": (32, 2), "write_bwd_batched": None},
+    (64, False, True): {"write_fwd": (64, 4), "write_bwd": (32, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
+                        "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
+                        "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
+                        "write_fwd_batched": (16, 2), "write_bwd_batched": None},
+    # unaligned slot widths: searched at d = 255 and (m, n) = (8, 16), (3, 9), (5, 7) / (8, 32), (8, 17) / (8, 64),
+    # (8, 33); then the gate found two more spills, so fp32 dynamic_bwd_dwg at NP = 16 is (128, 4), not (256, 4)
+    # (16 B at (3, 12)), and fp32 read_fwd at NP = 64 (128, 8), not (128, 4) (8 B at (16, 64)); both search
+    # shapes are in tc_launch_search.SHAPES now
+    (16, True, False): {"write_fwd": (256, 4), "write_bwd": (128, 8), "read_fwd": (256, 4), "read_bwd": (128, 4),
+                        "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (128, 4),
+                        "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 8),
+                        "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
+    (16, False, False): {"write_fwd": (256, 4), "write_bwd": (32, 4), "read_fwd": (256, 4), "read_bwd": (64, 8),
+                         "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
+                         "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8),
+                         "write_fwd_batched": (32, 8), "write_bwd_batched": (16, 8)},
+    (32, True, False): {"write_fwd": (128, 8), "write_bwd": (64, 8), "read_fwd": (256, 4), "read_bwd": (128, 8),
+                        "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 8),
+                        "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 8),
+                        "write_fwd_batched": (32, 4), "write_bwd_batched": (16, 4)},
+    (32, False, False): {"write_fwd": (128, 8), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (32, 4),
+                         "dynamic_fwd": (16, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (128, 8),
+                         "dynamic_bwd_dwg": (128, 8), "dynamic_fwd_batched": (32, 8),
+                         "write_fwd_batched": (16, 4), "write_bwd_batched": None},
+    (64, True, False): {"write_fwd": (128, 8), "write_bwd": (64, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
+                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 8),
+                        "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (64, 8),
+                        "write_fwd_batched": (16, 2), "write_bwd_batched": None},
+    # write_bwd: no candidate was clean at both (8, 64) and (8, 33); (16, 4) is clean at (8, 64) and spills 88 B
+    # at (8, 33) with static maps (and the batched backward spills KBs at NP = 64)
+    (64, False, False): {"write_fwd": (64, 8), "write_bwd": (16, 4), "read_fwd": (128, 8), "read_bwd": (64, 8),
+                         "dynamic_fwd": (16, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (32, 8),
+                         "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
+                         "write_fwd_batched": None, "write_bwd_batched": None},
 }
-LAUNCH_KEYS = tuple(LAUNCH[(64, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
+LAUNCH_KEYS = tuple(LAUNCH[(64, True, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
 
 
 def batched_launched(key: str, np_: int) -> bool:
@@ -678,10 +710,19 @@ def batched_launched(key: str, np_: int) -> bool:
     return key.endswith("_batched") and key in LAUNCH_KEYS and np_ <= BATCHED_MAX_NP.get(key, max(BATCHED_TOKENS))
 
 
-def _tokens(key: str, n: int) -> int:
-    """Tokens per program of the batched version of kernel ``key`` at ``n`` slots, or 1 where the per-token one runs
-    (:func:`triton_common.tc_batched_tokens`, :func:`batched_launched`)."""
-    return tc_batched_tokens(n) if batched_launched(f"{key}_batched", pow2(n)) else 1
+def _tokens(key: str, n: int, d: int, bf16: bool, batched: bool | None = None) -> int:
+    """Tokens per program of the batched version of kernel ``key`` at (n, d, operand kind), or 1 where the per-token
+    one runs. The batched one runs where tc-v2 runs at this NP (:func:`triton_common.tc_batched_tokens`, or as
+    ``batched`` says; :func:`batched_launched`) and has a spill-free launch here (:data:`LAUNCH` not None), and also
+    wherever the per-token one has none."""
+    np_, batched_key = pow2(n), f"{key}_batched"
+    table = LAUNCH[(np_, bool(bf16), aligned(d))]
+    if batched_key not in table:
+        return 1
+    wanted = (tc_batched_tokens(n) > 1 if batched is None else batched) and batched_launched(batched_key, np_)
+    if table[batched_key] is None or (not wanted and table[key] is not None):
+        return 1
+    return BATCHED_TOKENS[np_]
 
 
 def launch_allowed(np_: int, key: str, bd: int, warps: int) -> bool:
@@ -705,8 +746,9 @@ def configs(n: int, m: int, d: int, bf16: bool = True) -> dict[str, dict]:
     64 tokens (the same chunks, so the walk over d and its ragged last chunk are what the GPU runs)."""
     bd_full = max(16, triton.next_power_of_2(max(d, 1)))
     tpp = 64 if interpreting() else 8
-    table = LAUNCH[(pow2(n), bool(bf16))]
-    return {k: dict(TPP=tpp, BD=min(bd_full, bd), num_warps=w, num_stages=1) for k, (bd, w) in table.items()}
+    table = LAUNCH[(pow2(n), bool(bf16), aligned(d))]
+    return {k: dict(TPP=tpp, BD=min(bd_full, v[0]), num_warps=v[1], num_stages=1) for k, v in table.items()
+            if v is not None}
 
 
 def _batched_launch(n: int, m: int, d: int, bf16: bool, key: str) -> dict:
@@ -739,7 +781,8 @@ def write(h, z, carry_c, write_c):
     static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
     out = torch.empty_like(h, dtype=torch.promote_types(h.dtype, z.dtype))  # reference.state_dtype
     if N and d:
-        tokens, bf16 = _tokens("write_fwd", n), h.dtype == z.dtype == torch.bfloat16
+        bf16 = h.dtype == z.dtype == torch.bfloat16
+        tokens = _tokens("write_fwd", n, d, bf16)
         if tokens > 1:
             cfg = _batched_launch(n, m, d, bf16, "write_fwd_batched")
             _write_tc_fwd_batched[(_programs(N, tokens),)](h, z, cc, wc, out, N, d, STATIC=static, TB=tokens,
@@ -758,9 +801,9 @@ def write_backward(h, z, carry_c, write_c, grad_out):
     z = contiguous3(z, m, d, "z")
     g = contiguous3(grad_out, n, d, "grad_out")
     static, cc, wc = write_coefficients(carry_c, write_c, N, n, m)
-    tokens, bf16 = _tokens("write_bwd", n), h.dtype == z.dtype == torch.bfloat16
-    cfg = configs(n, m, d, bf16)["write_bwd"]
-    programs = _programs(N, tokens if tokens > 1 else cfg["TPP"])
+    bf16 = h.dtype == z.dtype == torch.bfloat16
+    tokens, cfg = _tokens("write_bwd", n, d, bf16), configs(n, m, d, bf16)
+    programs = _programs(N, tokens if tokens > 1 else cfg["write_bwd"]["TPP"])
     g_h, g_z = torch.empty_like(h), torch.empty_like(z)
     rows = programs if static else N  # per-program partials (static) or per-token gradients (dynamic)
     g_cc = torch.zeros((rows, n, n), device=h.device, dtype=torch.float32)
@@ -770,7 +813,7 @@ def write_backward(h, z, carry_c, write_c, grad_out):
                                            **_pads(n, m), **_batched_launch(n, m, d, bf16, "write_bwd_batched"))
     elif N:
         _write_tc_bwd[(programs,)](h, z, cc, wc, g, g_h, g_z, g_cc, g_wc, N, d, STATIC=static, **_pads(n, m),
-                                   **launch_kwargs(cfg))
+                                   **launch_kwargs(cfg["write_bwd"]))
     if static:
         g_cc, g_wc = g_cc.sum(0), g_wc.sum(0)  # a fixed-order reduction over the programs' partials
     return g_h, g_z, g_cc.reshape(carry_c.shape).to(carry_c.dtype), g_wc.reshape(write_c.shape).to(write_c.dtype)
@@ -815,7 +858,7 @@ def read_dynamic(h, norm_weight, proj, gates, scales, eps):
     write_c = torch.empty((N, n, m), device=h.device, dtype=torch.float32)
     stats = torch.empty((N, n, K + 1), device=h.device, dtype=torch.float32)
     if N:
-        tokens = _tokens("dynamic_fwd", n)
+        tokens = _tokens("dynamic_fwd", n, d, h.dtype == torch.bfloat16)
         args = (h, wgt, base, scales, x, carry_c, write_c, stats, N, d, float(eps), 1.0 / math.sqrt(max(d, 1)))
         if tokens > 1:
             _read_dynamic_tc_fwd_batched[(_programs(N, tokens),)](
@@ -880,26 +923,30 @@ def read_dynamic_backward(h, norm_weight, proj, gates, scales, eps, stats, grad_
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
+def static_gate_specs(n: int, m: int, d: int, dtype: str, launched_only: bool = True) -> list[dict]:
     """What ``benchmarks/kernel_static_check.py`` compiles for this (n, m, d, state dtype): every kernel of this
-    module as its host function launches it."""
-    ptr, f32 = f"*{dtype}", "*fp32"
-    cfg = configs(n, m, d, dtype == "bf16")
+    module as its host function launches it (``launched_only=False``: also those never launched here, with a
+    placeholder launch where :data:`LAUNCH` has none: what ``tc_launch_search.py`` starts from)."""
+    ptr, f32, bf16 = f"*{dtype}", "*fp32", dtype == "bf16"
+    cfg = configs(n, m, d, bf16)
     pads = _pads(n, m)
 
     def spec(name, fn, args, which, **constexprs):
-        c = cfg[which]
+        # not in cfg: no spill-free launch (LAUNCH None), never launched here (_tokens)
+        c = cfg.get(which) or dict(TPP=8, BD=16, num_warps=4, num_stages=1)
         if which in ("dynamic_bwd_dh", "dynamic_bwd_dwg"):
             sizes = dict(BD=c["BD"])
-        elif which.endswith("_batched"):  # compiled at every NP, also where the per-token kernels run now
+        elif which.endswith("_batched"):
             sizes = dict(BD=c["BD"], TB=BATCHED_TOKENS[pads["NP"]])
         else:
             sizes = dict(TPP=c["TPP"], BD=c["BD"])
-        # ids: the kernel_id()s under which the launchers run it. A batched kernel runs under tc-v2; a per-token one
-        # under tc-v1, and also under tc-v2 where no batched version of it is launched (e.g. the dynamic read's
-        # backward behind either forward)
-        version = TENSOR_CORE_BATCHED if which.endswith("_batched") else KERNEL_ID
-        ids = {version} | ({TENSOR_CORE_BATCHED} if not batched_launched(f"{which}_batched", pads["NP"]) else set())
+        # ids: the kernel_id()s under which the launchers run it (empty: not launched here). tc-v1 runs the per-token
+        # kernels (unless one has no spill-free launch here), tc-v2 the batched ones where they are launched and the
+        # per-token ones elsewhere (e.g. the dynamic read's backward behind either forward)
+        batched_key = which.endswith("_batched")
+        ids = {v for v, batched in ((KERNEL_ID, False), (TENSOR_CORE_BATCHED, True))
+               if which in cfg and (_tokens(which.removesuffix("_batched"), n, d, bf16, batched) > 1) == batched_key}
+        version = TENSOR_CORE_BATCHED if batched_key else KERNEL_ID
         return dict(kernel=f"{name}[{version}]", fn=fn, args=args, constexprs=dict(**pads, **sizes, **constexprs),
                     num_warps=c["num_warps"], num_stages=c["num_stages"], launch=which, ids=ids)
 
@@ -914,8 +961,8 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
             specs.append(spec(f"write_fwd{suffix}[{kind}]", fwd, write_fwd_args, f"write_fwd{suffix}", STATIC=static,
                               PARTS=_parts(_TORCH_DTYPES[dtype])))
             specs.append(spec(f"write_bwd{suffix}[{kind}]", bwd, write_bwd_args, f"write_bwd{suffix}", STATIC=static))
-    specs = [s for s in specs if not s["launch"].endswith("_batched") or batched_launched(s["launch"], pads["NP"])]
-    return specs + [
+    specs += [
+
         spec("read_static_fwd", _read_tc_fwd, dict(h_ptr=ptr, read_ptr=f32, x_ptr=ptr, N=16384, d=d), "read_fwd"),
         spec("read_static_bwd", _read_tc_bwd,
              dict(h_ptr=ptr, read_ptr=f32, gx_ptr=ptr, gh_ptr=ptr, gread_ptr=f32, N=16384, d=d), "read_bwd",
@@ -937,3 +984,4 @@ def static_gate_specs(n: int, m: int, d: int, dtype: str) -> list[dict]:
              PARTS=_parts(_TORCH_DTYPES[dtype]))
         for which in ("dh", "dwg")
     ]
+    return [s for s in specs if s["ids"] or not launched_only]

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import contiguous3, fma_supports, interpreter_bt, launch_kwargs, state_view, write_coefficients
+from .triton_common import (aligned, contiguous3, fma_supports, interpreter_bt, launch_kwargs, state_view,
+                            write_coefficients)
 from .triton_helpers import coefficient, to_output
 from .measured import FMA_MIXING
 
@@ -132,8 +133,14 @@ def bwd_config(n: int, m: int, d: int) -> dict:
     """Launch parameters of the backward: one token per warp (BT = 4 warps), so each per-token coefficient
     gradient accumulator costs one register per thread; BD 256 (n <= 4), 128 (up to 96 accumulators n(n+m)) or
     32 ((8, 8): 128 accumulators; BD 128 spilled 12 B in fp32, BD 64 96 B in bf16) of the slot width per step of
-    the loop over d."""
-    bd = 256 if n <= 4 else 128 if n * (n + m) <= 96 else 32
+    the loop over d. At an unaligned slot width (``triton_common.aligned``: scalar loads) narrower: 128 up to 32
+    accumulators, 64 up to 48, else 32 (sm_90a: BD 256 spilled 20-24 B at (2,3) bf16 and (1,4) fp32, BD 128 332-348
+    B at (3,5), BD 64 504-516 B at (5,7); benchmarks/NOTES.md, "Unaligned slot widths")."""
+    accumulators = n * (n + m)
+    if aligned(d):
+        bd = 256 if n <= 4 else 128 if accumulators <= 96 else 32
+    else:
+        bd = 128 if accumulators <= 32 else 64 if accumulators <= 48 else 32
     bd = min(bd, max(16, triton.next_power_of_2(d)))
     return dict(BT=interpreter_bt(4), BD=bd, num_warps=4, num_stages=1)
 

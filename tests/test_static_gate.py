@@ -75,6 +75,44 @@ def test_gate_passes_on_the_dispatched_kernels(tmp_path):
             assert r["kernel"] in tc and (r["m"], r["n"]) == (8, 64) and r["mma_instructions"] > 0, r
 
 
+@needs_ptxas
+def test_gate_passes_at_an_unaligned_slot_width(tmp_path):
+    # D = 2040: d = 1020 at (2, 3) and 680 at (3, 12), not multiples of 16, so Triton compiles scalar loads; with the
+    # chunks of an aligned width the FMA write backward spilled at (2, 3) and the tensor-core write backward and
+    # dynamic read forward at (3, 12) (benchmarks/NOTES.md, "Unaligned slot widths")
+    proc, rows = run_gate(tmp_path, "--slots", "2,3;3,12", "--D", "2040", "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kernels = {(r["m"], r["n"]): set() for r in rows}
+    for r in rows:
+        kernels[(r["m"], r["n"])].add(r["kernel"])
+        assert r["error"] is None and r["spill_bytes"] == 0 and r["spill_loads"] == 0, r
+        assert r["smem_bytes"] <= 100 * 1024, r
+    assert {"write_bwd[fma-v1,dynamic]", "write_bwd[fma-v1,static]", "read_static_bwd[fma-v1]"} <= kernels[(2, 3)]
+    assert {"write_bwd[dynamic][tc-v1]", "write_bwd[static][tc-v1]", "read_dynamic_fwd[tc-v1]"} <= kernels[(3, 12)]
+    # the launches differ from the aligned ones where those spill
+    from vwn_transform.kernels import triton_tc, triton_write_fma
+
+    assert triton_write_fma.bwd_config(3, 2, 1020)["BD"] < triton_write_fma.bwd_config(3, 2, 1024)["BD"]
+    assert triton_tc.configs(12, 3, 680)["dynamic_fwd"]["BD"] < triton_tc.configs(12, 3, 688)["dynamic_fwd"]["BD"]
+
+
+def test_every_tensor_core_kernel_has_a_launch_at_every_alignment():
+    # LAUNCH holds None where no candidate compiled without spills; the other form of that kernel must run there
+    from vwn_transform.kernels import triton_tc
+
+    assert {(np_, bf16, al) for np_ in (16, 32, 64) for bf16 in (True, False) for al in (True, False)} \
+        == set(triton_tc.LAUNCH)
+    for (np_, bf16, al), table in triton_tc.LAUNCH.items():
+        assert set(table) == set(triton_tc.LAUNCH_KEYS), (np_, bf16, al)
+        d = 256 if al else 255
+        for key in (k for k in table if not k.endswith("_batched")):
+            for batched in (True, False):  # tc-v2 and tc-v1 dispatch
+                tokens = triton_tc._tokens(key, np_, d, bf16, batched)
+                chosen = table[f"{key}_batched"] if tokens > 1 else table[key]
+                assert chosen is not None, (np_, bf16, al, key, batched)
+                assert triton_tc.launch_allowed(np_, f"{key}_batched" if tokens > 1 else key, *chosen)
+
+
 def test_ptxas_and_ptx_parsing():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
