@@ -27,8 +27,9 @@ CANDIDATES = [(256, 4), (128, 4), (128, 8), (64, 4), (64, 8), (64, 2), (32, 4), 
 # representative (m, n) per padded slot count: the largest and the smallest n that pad to it (n = 9 is the smallest
 # the tensor-core write runs at; (5, 7) stands for the dynamic reads with too many gates for the FMA kernel, n <= 8).
 # Only the masks differ between them, but those change what ptxas keeps in registers: at (8, 33) a launch that was
-# clean at (8, 64) spilled.
-SHAPES = {16: [(8, 16), (3, 9), (5, 7), (3, 12)], 32: [(8, 32), (8, 17)], 64: [(8, 64), (8, 33), (16, 64)]}
+# clean at (8, 64) spilled; (3, 12), (16, 64) and (12, 40) were added after the gate found spills there.
+SHAPES = {16: [(8, 16), (3, 9), (5, 7), (3, 12)], 32: [(8, 32), (8, 17)],
+          64: [(8, 64), (8, 33), (16, 64), (12, 40)]}
 # a slot width per alignment: only d % 16 == 0 or not reaches the compiled code (d is a runtime argument)
 WIDTHS = {"aligned": 256, "unaligned": 255}
 

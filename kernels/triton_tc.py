@@ -672,8 +672,9 @@ LAUNCH = {
                         "write_fwd_batched": (16, 2), "write_bwd_batched": None},
     # unaligned slot widths: searched at d = 255 and (m, n) = (8, 16), (3, 9), (5, 7) / (8, 32), (8, 17) / (8, 64),
     # (8, 33); then the gate found two more spills, so fp32 dynamic_bwd_dwg at NP = 16 is (128, 4), not (256, 4)
-    # (16 B at (3, 12)), and fp32 read_fwd at NP = 64 (128, 8), not (128, 4) (8 B at (16, 64)); both search
-    # shapes are in tc_launch_search.SHAPES now
+    # (16 B at (3, 12)), fp32 read_fwd at NP = 64 (128, 8), not (128, 4) (8 B at (16, 64)), and at NP = 64 the
+    # bf16 dynamic_bwd_dh and fp32 dynamic_bwd_dwg (32, 8), not (64, 8) (32 / 112 B at (12, 40)); (32, 8) is clean at
+    # (8, 64), (8, 33), (16, 64), (12, 40). These shapes are in tc_launch_search.SHAPES now
     (16, True, False): {"write_fwd": (256, 4), "write_bwd": (128, 8), "read_fwd": (256, 4), "read_bwd": (128, 4),
                         "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (128, 4),
                         "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 8),
@@ -691,14 +692,14 @@ LAUNCH = {
                          "dynamic_bwd_dwg": (128, 8), "dynamic_fwd_batched": (32, 8),
                          "write_fwd_batched": (16, 4), "write_bwd_batched": None},
     (64, True, False): {"write_fwd": (128, 8), "write_bwd": (64, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
-                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 8),
+                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (32, 8),
                         "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (64, 8),
                         "write_fwd_batched": (16, 2), "write_bwd_batched": None},
     # write_bwd: no candidate was clean at both (8, 64) and (8, 33); (16, 4) is clean at (8, 64) and spills 88 B
     # at (8, 33) with static maps (and the batched backward spills KBs at NP = 64)
     (64, False, False): {"write_fwd": (64, 8), "write_bwd": (16, 4), "read_fwd": (128, 8), "read_bwd": (64, 8),
                          "dynamic_fwd": (16, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (32, 8),
-                         "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
+                         "dynamic_bwd_dwg": (32, 8), "dynamic_fwd_batched": (32, 8),
                          "write_fwd_batched": None, "write_bwd_batched": None},
 }
 LAUNCH_KEYS = tuple(LAUNCH[(64, True, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
