@@ -11,9 +11,10 @@ more than 100 KB of shared memory per program, or on a compile that failed or ti
 Shapes: (m, n) in {(1,4), (2,3), (4,4), (8,16), (8,64), (16,64)}, D in {2048, 4096, 2040} (slot width d = D/m;
 D = 2040 gives a d that is not a multiple of 16 at every m above, which Triton compiles with scalar loads and the
 launchers give narrower chunks: ``triton_common.aligned``), bf16 and fp32 states, 16384 tokens. ``--odd`` adds
-slot counts between the powers of two, where the padding masks change what ptxas keeps in registers. ``--kernels dispatched`` (default) compiles what ``VWN_IMPL=triton`` runs at
-each (m, n): the FMA kernels ("fma-v1") where they run, the tensor-core kernels ("tc-v1") for the rest;
-``--kernels tc`` the tensor-core kernels everywhere; ``--kernels all`` both families wherever they compile.
+slot counts between the powers of two, where the padding masks change what ptxas keeps in registers.
+``--kernels dispatched`` (default) compiles what ``VWN_IMPL=triton`` runs at each (m, n): the FMA kernels
+("fma-v1") where they run, the tensor-core kernels ("tc-v1") for the rest; ``--kernels tc`` the tensor-core
+kernels everywhere; ``--kernels all`` both families wherever they compile.
 (The first, padded ``tl.dot`` kernels, "padded-dot-v1", failed this gate everywhere; their figures are in
 ``benchmarks/NOTES.md``.) Identical compiles (same kernel, constexprs and argument types) are done once.
 

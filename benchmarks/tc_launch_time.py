@@ -224,8 +224,8 @@ def main(argv=None) -> int:
         ap.error(f"--key {bad}: expected some of {list(KEY_OP)}")
     groups = [(np_, ops) for np_ in args.np or sorted(SHAPES) for ops in args.operands or ("bf16", "fp32")]
     t0 = time.time()
-    # a batched kernel only where it is launched (triton_tc.BATCHED_MAX_NP: the per-token one runs above)
-    launched = lambda np_, k: not k.endswith("_batched") or triton_tc.batched_launched(k, np_)  # noqa: E731
+    # a batched kernel only where it has a launch (triton_tc.LAUNCH None: the per-token one runs there)
+    launched = lambda np_, k: triton_tc.LAUNCH[(np_, True, True)][k] is not None  # noqa: E731
     rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys if launched(np_, k)], args.timeout,
                      args.out)
     print(f"[tc_launch_time] check phase: {len(rows)} candidates in {time.time() - t0:.0f} s", flush=True)

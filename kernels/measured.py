@@ -39,8 +39,8 @@ FMA_GATES = "fma-v2"
 # compiles to the kernel measured)
 TENSOR_CORE = "tc-v1"
 # the batched tensor-core kernels (several tokens per program, triton_common.BATCHED_TOKENS): the write + carry
-# forward and backward (the backward only up to 32 slots, triton_tc.BATCHED_MAX_NP; tc-v1's above), and
-# the dynamic read forward (its backward is tc-v1's)
+# forward and backward (the backward only up to 32 slots, where it has a spill-free launch in triton_tc.LAUNCH;
+# tc-v1's above), and the dynamic read forward (its backward is tc-v1's)
 TENSOR_CORE_BATCHED = "tc-v2"
 
 

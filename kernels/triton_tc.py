@@ -10,10 +10,11 @@ Per token the mixing is a small matrix product with the slot width as the long s
 * dynamic gates: ``U[n, 2m+n] = H[n, d] wg[d, 2m+n]`` summed over the chunks, then ``1/rms``, the logits and
   ``static + scale * tanh(logit)`` on the ``[n, 2m+n]`` tile in registers.
 
-The write + carry (forward; backward up to :data:`BATCHED_MAX_NP`) and the dynamic read forward also come batched
-("tc-v2", ``*_batched`` kernels): a program takes ``TB`` tokens at once (``TB * NP`` = 128 state rows per tile)
-and runs batched 3-D products (the dynamic read's projection as one ``[TB*NP, BD] @ [BD, *]`` product per chunk);
-which kernels run at which slot count: ``triton_common.BATCHED_TOKENS`` / ``PER_TOKEN_TC`` and :func:`_tokens`.
+The write + carry (forward; backward where it has a spill-free launch: :data:`LAUNCH`) and the dynamic read
+forward also come batched ("tc-v2", ``*_batched`` kernels): a program takes ``TB`` tokens at once (``TB * NP`` = 128
+state rows per tile) and runs batched 3-D products (the dynamic read's projection as one ``[TB*NP, BD] @ [BD, *]``
+product per chunk); which kernels run at which slot count, width and dtype: ``triton_common.BATCHED_TOKENS`` /
+``PER_TOKEN_TC``, :data:`LAUNCH` and :func:`_tokens`.
 
 Slot counts are padded to 16 (``NP``, ``MP``: the smallest ``tl.dot`` side) by masked loads, which read nothing
 for the padding; the state is read in its own dtype, never copied to fp32 in HBM.
@@ -634,17 +635,15 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 # widest chunk that compiled for sm_90a without spills and within 100 KB of shared memory per program at every
 # representative (m, n) of that NP, found by benchmarks/tc_launch_search.py (triton 3.7.1; m <= 16 always pads to
 # MP = 16). "aligned": d a multiple of 16 (triton_common.aligned); the unaligned launches are narrower (scalar loads).
-# None: no candidate compiled without spills; the other form of that kernel runs there (_tokens). Not yet timed on
-# a GPU. dynamic_fwd runs 4 warps only (DYNAMIC_FWD_WARPS): on the H200 (triton 3.6.0) its 8-warp launches at NP =
-# 64 gave wrong carry coefficients and statistics or an illegal memory access, every 4-warp one was correct
+# None: no candidate compiled without spills; the other form of that kernel runs there (_tokens). E.g. the batched
+# write backward holds [TB, NP, NP] carry maps and their gradients in registers: at NP = 64 (TB = 2) every (BD,
+# warps) spilled (0.5-26 KB per thread), so the per-token backward runs there under tc-v2 too; changing where a
+# batched kernel has a launch changes what kernel_id "tc-v2" names: bump the id with it. Not yet timed on a GPU.
+# dynamic_fwd runs 4 warps only (DYNAMIC_FWD_WARPS): on the H200 (triton 3.6.0) its 8-warp launches at NP = 64 gave
+# wrong carry coefficients and statistics or an illegal memory access, every 4-warp one was correct
 # (benchmarks/tc_launch_time.py, benchmarks/RESULTS.md); at NP = 64 bf16 aligned (64, 4) rather than the widest
 # clean (128, 4), which sits at 255 registers.
 DYNAMIC_FWD_WARPS = 4
-# The largest NP at which a batched kernel is launched (default: every NP); above it its per-token kernel runs
-# (unless that one has no spill-free launch: _tokens). The batched write backward holds [TB, NP, NP] carry maps and
-# their gradients in registers: at NP = 64 (TB = 2) and an aligned width every (BD, warps) tried spilled (2-26 KB
-# per thread). Changing this changes what kernel_id "tc-v2" names for the write at NP = 64: bump the id with it.
-BATCHED_MAX_NP = {"write_bwd_batched": 32}
 LAUNCH = {
     (16, True, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
@@ -671,7 +670,7 @@ LAUNCH = {
                         "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
                         "write_fwd_batched": (16, 2), "write_bwd_batched": None},
     # unaligned slot widths: searched at d = 255 and (m, n) = (8, 16), (3, 9), (5, 7) / (8, 32), (8, 17) / (8, 64),
-    # (8, 33); then the gate found two more spills, so fp32 dynamic_bwd_dwg at NP = 16 is (128, 4), not (256, 4)
+    # (8, 33); then the gate found four more spills, so fp32 dynamic_bwd_dwg at NP = 16 is (128, 4), not (256, 4)
     # (16 B at (3, 12)), fp32 read_fwd at NP = 64 (128, 8), not (128, 4) (8 B at (16, 64)), and at NP = 64 the
     # bf16 dynamic_bwd_dh and fp32 dynamic_bwd_dwg (32, 8), not (64, 8) (32 / 112 B at (12, 40)); (32, 8) is clean at
     # (8, 64), (8, 33), (16, 64), (12, 40). These shapes are in tc_launch_search.SHAPES now
@@ -705,22 +704,16 @@ LAUNCH = {
 LAUNCH_KEYS = tuple(LAUNCH[(64, True, True)])  # the kernels with launch parameters (what tc_launch_search.py fills in)
 
 
-def batched_launched(key: str, np_: int) -> bool:
-    """Whether the batched kernel ``key`` (a ``*_batched`` key of :data:`LAUNCH`) is launched at NP
-    (:data:`BATCHED_MAX_NP`); False for keys without a batched kernel."""
-    return key.endswith("_batched") and key in LAUNCH_KEYS and np_ <= BATCHED_MAX_NP.get(key, max(BATCHED_TOKENS))
-
-
 def _tokens(key: str, n: int, d: int, bf16: bool, batched: bool | None = None) -> int:
     """Tokens per program of the batched version of kernel ``key`` at (n, d, operand kind), or 1 where the per-token
     one runs. The batched one runs where tc-v2 runs at this NP (:func:`triton_common.tc_batched_tokens`, or as
-    ``batched`` says; :func:`batched_launched`) and has a spill-free launch here (:data:`LAUNCH` not None), and also
-    wherever the per-token one has none."""
+    ``batched`` says) and has a spill-free launch here (:data:`LAUNCH` not None), and also wherever the per-token
+    one has none."""
     np_, batched_key = pow2(n), f"{key}_batched"
     table = LAUNCH[(np_, bool(bf16), aligned(d))]
     if batched_key not in table:
         return 1
-    wanted = (tc_batched_tokens(n) > 1 if batched is None else batched) and batched_launched(batched_key, np_)
+    wanted = tc_batched_tokens(n) > 1 if batched is None else batched
     if table[batched_key] is None or (not wanted and table[key] is not None):
         return 1
     return BATCHED_TOKENS[np_]
