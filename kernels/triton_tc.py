@@ -645,29 +645,34 @@ def _read_dynamic_tc_bwd_state(h_ptr, gx_ptr, readc_ptr, gu_ptr, rowscale_ptr, w
 # clean (128, 4), which sits at 255 registers.
 DYNAMIC_FWD_WARPS = 4
 LAUNCH = {
+    # aligned slot widths: bf16 searched at (8, 16) / (8, 32) / (8, 64); fp32 re-searched at every shape of
+    # tc_launch_search.SHAPES after the gate (--odd, D = 3840) found 8 spills of 12-176 B at (3, 9), (5, 7), (3, 12),
+    # (8, 17), (8, 33) (bf16 was clean there, and the H200 rows of measured.py were measured with its entries)
     (16, True, True): {"write_fwd": (256, 4), "write_bwd": (128, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
                        "dynamic_bwd_dwg": (256, 4), "dynamic_fwd_batched": (64, 4),
                        "write_fwd_batched": (64, 4), "write_bwd_batched": (64, 8)},
     (16, False, True): {"write_fwd": (256, 4), "write_bwd": (32, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
-                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
+                        "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
                         "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 8),
                         "write_fwd_batched": (64, 8), "write_bwd_batched": (32, 8)},
     (32, True, True): {"write_fwd": (256, 4), "write_bwd": (64, 4), "read_fwd": (256, 4), "read_bwd": (128, 4),
                        "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (256, 4), "dynamic_bwd_dh": (128, 4),
                        "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (64, 4),
                        "write_fwd_batched": (64, 4), "write_bwd_batched": (16, 4)},
-    (32, False, True): {"write_fwd": (128, 4), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
+    (32, False, True): {"write_fwd": (128, 8), "write_bwd": (16, 4), "read_fwd": (256, 4), "read_bwd": (64, 4),
                         "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 4), "dynamic_bwd_dh": (128, 4),
-                        "dynamic_bwd_dwg": (128, 4), "dynamic_fwd_batched": (32, 8),
-                        "write_fwd_batched": (32, 4), "write_bwd_batched": (16, 4)},
+                        "dynamic_bwd_dwg": (128, 8), "dynamic_fwd_batched": (32, 8),
+                        "write_fwd_batched": (32, 4), "write_bwd_batched": None},
     (64, True, True): {"write_fwd": (128, 4), "write_bwd": (128, 4), "read_fwd": (128, 4), "read_bwd": (128, 4),
                        "dynamic_fwd": (64, 4), "dynamic_bwd_coef": (128, 8), "dynamic_bwd_dh": (64, 4),
                        "dynamic_bwd_dwg": (64, 4), "dynamic_fwd_batched": (64, 4),
                        "write_fwd_batched": (32, 2), "write_bwd_batched": None},
+    # write_bwd: no candidate was clean at all of (8, 64), (8, 33), (16, 64), (12, 40); (32, 4) spills 28 B at
+    # (8, 33) with static maps, (16, 4) 16 B there with per-token maps
     (64, False, True): {"write_fwd": (64, 4), "write_bwd": (32, 4), "read_fwd": (128, 4), "read_bwd": (128, 8),
                         "dynamic_fwd": (32, 4), "dynamic_bwd_coef": (64, 8), "dynamic_bwd_dh": (64, 8),
-                        "dynamic_bwd_dwg": (64, 8), "dynamic_fwd_batched": (32, 8),
+                        "dynamic_bwd_dwg": (32, 4), "dynamic_fwd_batched": (32, 8),
                         "write_fwd_batched": (16, 2), "write_bwd_batched": None},
     # unaligned slot widths: searched at d = 255 and (m, n) = (8, 16), (3, 9), (5, 7) / (8, 32), (8, 17) / (8, 64),
     # (8, 33); then the gate found four more spills, so fp32 dynamic_bwd_dwg at NP = 16 is (128, 4), not (256, 4)

@@ -312,7 +312,9 @@ def test_fma_reads_match_reference(m, n, N, d, dtype, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(again, got["read_dynamic"][4:]))
 
 
-@pytest.mark.parametrize("m,n,N,d", [(3, 12, 5, 300), (8, 8, 9, 24), (16, 64, 3, 24), (8, 33, 5, 40)])
+# d = 160: a multiple of 16, so the aligned launches of triton_tc.LAUNCH (the others run the unaligned ones)
+@pytest.mark.parametrize("m,n,N,d", [(3, 12, 5, 300), (8, 8, 9, 24), (16, 64, 3, 24), (8, 33, 5, 40),
+                                     (3, 12, 5, 160)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
     """The tensor-core kernels (kernels/triton_tc.py) on their own, outputs NaN-poisoned: write + carry (per-token
@@ -365,7 +367,7 @@ def test_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("m,n,N,d", [(3, 12, 11, 300), (8, 16, 8, 40), (1, 9, 1, 24), (5, 30, 7, 40),
-                                     (8, 40, 5, 300)])
+                                     (8, 40, 5, 300), (8, 40, 5, 160)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypatch):
     """The batched tensor-core kernels ("tc-v2", several tokens per program) also where the per-token ones run by
