@@ -1,11 +1,11 @@
 """One GPU command: device check, native-kernel parity, kernel table and end-to-end training steps, each stage in
 its own process under its own timeout (a hang or crash loses one stage), results under ``--out DIR``.
 
-Stages (timeouts in seconds, each a maximum: 9 minutes at most in all; the first full run on the H200 took
+Stages (timeouts in seconds, each a maximum: under 10 minutes in all; the first full run on the H200 took
 168 s, before the batched A/B rows and the profile stage):
 
 * ``env`` (30): device, torch/triton versions, device copy GB/s, bf16 GEMM TFLOP/s.
-* ``parity`` (120): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
+* ``parity`` (150): every GHC op forward and backward through the kernels ``VWN_IMPL=triton`` runs (native
   Triton), against the plain-PyTorch reference and an fp64 reference: (1,4), (2,3), (8,16), (8,32) (where the
   batched tensor-core write backward runs), (8,64), bf16 and fp32, 577 and 16384 tokens, D=2048, and (2,3),
   (3,12), (8,64) at 577 tokens and D=2040 (slot widths that are not multiples of 16: ``triton_common.aligned``):
@@ -59,7 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # and passes/ subpackages, which the install maps in.
 sys.path.insert(0, HERE)
 
-STAGES = {"env": 30, "parity": 120, "kernels": 120, "e2e": 90, "profile": 45, "compiled": 150}
+STAGES = {"env": 30, "parity": 150, "kernels": 120, "e2e": 90, "profile": 45, "compiled": 150}
 # unaligned_parity: parity also at a slot width d = D/m that is not a multiple of 16 (scalar loads, narrower chunks:
 # triton_common.aligned), fewer tokens
 FULL = dict(tokens=(577, 16384), D=2048, slots=[(1, 4), (2, 3), (8, 16), (8, 64)], parity_slots=[(1, 4), (2, 3),
@@ -444,7 +444,7 @@ def summary(out: str, results: dict) -> str:
     if par:
         bad = [r for r in par if not r["ok"]]
         lines.append(f"- parity: {len(par) - len(bad)}/{len(par)} op x shape x dtype x tokens rows pass"
-                     + "".join(f"; FAIL {r['op']} ({r['m']},{r['n']}) {r['dtype']} N={r['N']} "
+                     + "".join(f"; FAIL {r['op']} ({r['m']},{r['n']}) D={r.get('D')} {r['dtype']} N={r['N']} "
                                f"{r.get('errs') or r.get('rel_err') or str(r.get('error'))[:120]}" for r in bad[:6]))
     kern = [r for r in results.get("kernels", {}).get("rows", []) if "fwd_ms" in r]
     if kern:

@@ -1,6 +1,7 @@
 """Time the launch parameters of the tensor-core GHC kernels (``kernels/triton_tc.py``) on a GPU: for each padded
-slot count (NP 16 via (m, n) = (8, 16), NP 64 via (8, 64)), operand kind (bf16 state, fp32 state) and kernel key
-of ``triton_tc.LAUNCH``, every candidate (BD, num_warps) is first checked for correctness at 577 tokens against
+slot count (NP 16, 32, 64 via (m, n) = (8, 16), (8, 32), (8, 64)), operand kind (bf16 state, fp32 state) and kernel
+key of ``triton_tc.LAUNCH`` at an aligned slot width (D = 2048; the unaligned launches are not timed yet), every
+candidate (BD, num_warps) is first checked for correctness at 577 tokens against
 the fp64 reference (within twice the eager reference's own error, as ``gpu_check.py``'s parity), then timed at
 16384 tokens (``triton.testing.do_bench`` median of the op that launches the kernel: a backward key times the
 whole backward with the other keys at their table values). Prints, per key, the table's choice and the fastest
@@ -59,7 +60,8 @@ def _with_launch(np_, bf16, key, bd, warps):
     ``write_fwd`` / ``write_bwd`` / ``dynamic_fwd`` or their ``*_batched`` versions) at this NP."""
     from vwn_transform.kernels import triton_common, triton_tc
 
-    table = triton_tc.LAUNCH[(np_, bf16, True)]
+    # the table the host functions read at this script's slot width (aligned at D = 2048; --smoke's d = 8 is not)
+    table = triton_tc.LAUNCH[(np_, bf16, triton_common.aligned(D // SHAPES[np_][0]))]
     old, per_token = table[key], set(triton_common.PER_TOKEN_TC)
     if key.endswith("_batched"):
         per_token.discard(np_)
@@ -225,8 +227,8 @@ def main(argv=None) -> int:
     groups = [(np_, ops) for np_ in args.np or sorted(SHAPES) for ops in args.operands or ("bf16", "fp32")]
     t0 = time.time()
     # a batched kernel only where it has a launch (triton_tc.LAUNCH None: the per-token one runs there)
-    launched = lambda np_, k: triton_tc.LAUNCH[(np_, True, True)][k] is not None  # noqa: E731
-    rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys if launched(np_, k)], args.timeout,
+    launched = lambda np_, ops, k: triton_tc.LAUNCH[(np_, ops == "bf16", True)][k] is not None  # noqa: E731
+    rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys if launched(np_, ops, k)], args.timeout,
                      args.out)
     print(f"[tc_launch_time] check phase: {len(rows)} candidates in {time.time() - t0:.0f} s", flush=True)
     timed = []
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
         for k in keys:
             table = triton_tc.LAUNCH[(np_, ops == "bf16", True)][k]
             mine = [r for r in timed if (r["np"], r["operands"], r["key"]) == (np_, ops, k) and "ms" in r]
-            cur = next((r["ms"] for r in mine if (r["bd"], r["warps"]) == tuple(table)), None)
+            cur = next((r["ms"] for r in mine if table and (r["bd"], r["warps"]) == tuple(table)), None)
             best = min(mine, key=lambda r: r["ms"], default=None)
             failed = [f"{r['bd']}x{r['warps']} {r['status']}" for r in rows
                       if (r["np"], r["operands"], r["key"]) == (np_, ops, k) and r.get("status") != "ok"]

@@ -39,8 +39,9 @@ FMA_GATES = "fma-v2"
 # compiles to the kernel measured)
 TENSOR_CORE = "tc-v1"
 # the batched tensor-core kernels (several tokens per program, triton_common.BATCHED_TOKENS): the write + carry
-# forward and backward (the backward only up to 32 slots, where it has a spill-free launch in triton_tc.LAUNCH;
-# tc-v1's above), and the dynamic read forward (its backward is tc-v1's)
+# forward and backward and the dynamic read forward (its backward is tc-v1's), each where it has a spill-free launch
+# in triton_tc.LAUNCH (not: the write backward at 64 slots, fp32 states' at 32, and at 64 slots with an unaligned
+# width the fp32 write forward); the per-token tc-v1 kernel runs in its place there
 TENSOR_CORE_BATCHED = "tc-v2"
 
 

@@ -6,9 +6,9 @@ Which kernels serve an op at (m, n) (``kernels.measured.kernel_id`` names them):
 * the FMA kernels ("fma-v1": per-slot tiles, unrolled FMAs) for ``m <= n <= FMA_MAX_N``: the write + carry
   (``triton_write_fma``), the static read (``triton_read_fma``) and, where its gate values fit in registers
   (``triton_read_fma.supports_dynamic``), the dynamic read;
-* the tensor-core kernels ("tc-v1", ``triton_tc``) everywhere else (m <= 16, n <= 64); their write (forward and,
-  up to 32 slots, backward) and dynamic read forward run batched ("tc-v2") where ``triton_common.tc_batched_tokens``
-  says so.
+* the tensor-core kernels ("tc-v1", ``triton_tc``) everywhere else (m <= 16, n <= 64); their write (forward and
+  backward) and dynamic read forward run batched ("tc-v2") where ``triton_common.tc_batched_tokens`` says so and
+  ``triton_tc.LAUNCH`` has a spill-free launch for them.
 
 The write+read of adjacent sublayers is the write followed by the dynamic read, each from its family; its
 backward adds the incoming ``dL/dH'`` inside the read's backward (no extra state-sized pass), then runs the

@@ -741,8 +741,9 @@ def configs(n: int, m: int, d: int, bf16: bool = True) -> dict[str, dict]:
     """Launch parameters per kernel (also what ``benchmarks/kernel_static_check.py`` compiles): ``TPP`` tokens per
     program (8), ``BD`` of the slot width per step of a token's walk and the warps from :data:`LAUNCH`. ``bf16``:
     every state operand is bf16 (split products); otherwise (fp32/fp16 states: fp32 operands, tf32x3, about twice
-    the registers) narrower chunks. Under the interpreter, whose cost is per program and per op, a program takes
-    64 tokens (the same chunks, so the walk over d and its ragged last chunk are what the GPU runs)."""
+    the registers) narrower chunks; per slot-width alignment (``triton_common.aligned``). Kernels whose entry is None
+    (no spill-free launch) are left out. Under the interpreter, whose cost is per program and per op, a program
+    takes 64 tokens (the same chunks, so the walk over d and its ragged last chunk are what the GPU runs)."""
     bd_full = max(16, triton.next_power_of_2(max(d, 1)))
     tpp = 64 if interpreting() else 8
     table = LAUNCH[(pow2(n), bool(bf16), aligned(d))]

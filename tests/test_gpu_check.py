@@ -29,12 +29,15 @@ def run(tmp_path, *args, interpret=True):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path (on a GPU the script measures)")
 def test_smoke_parity_stage_checks_every_op(tmp_path):
-    proc = run(tmp_path, "--smoke", "--only", "env", "--only", "parity", "--slots", "2,3")
+    # no --slots: the smoke sizes' parity slots at D = 48 and their unaligned part, (2, 3) at D = 40 (d = 20)
+    proc = run(tmp_path, "--smoke", "--only", "env", "--only", "parity")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads((tmp_path / "parity.json").read_text())["rows"]
     assert {r["op"] for r in rows} == OPS
     assert {(r["dtype"], r["N"]) for r in rows} == {("bfloat16", 1), ("bfloat16", 33), ("float32", 1),
                                                     ("float32", 33)}
+    assert {(r["m"], r["n"], r["D"]) for r in rows} == {(2, 3, 48), (1, 4, 48), (2, 3, 40)}
+    assert {r["N"] for r in rows if r["D"] == 40} == {33}
     assert all(r["ok"] and r["rel_err"] <= r["limit"] and r["kernel"].startswith("fma-v") for r in rows), rows
     summary = (tmp_path / "summary.md").read_text()
     assert f"parity: {len(rows)}/{len(rows)}" in summary and "CPU (smoke run)" in summary

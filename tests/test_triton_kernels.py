@@ -374,11 +374,21 @@ def test_batched_tensor_core_kernels_match_reference(m, n, N, d, dtype, monkeypa
     default (NP = 16): the dynamic read forward (x, coefficients, statistics) and the write + carry forward and
     backward with per-token and static maps, against fp64 within twice the reference's own error (fp32: at least
     2e-5), outputs NaN-poisoned; the static maps' gradients (per-program partials) bitwise reproducible. Token
-    counts below, at and above a program's tokens (11 = 8 + 3), d=300 (ragged last chunk), slot counts that pad."""
+    counts below, at and above a program's tokens (11 = 8 + 3), d=300 (ragged last chunk), slot counts that pad.
+    Where a batched kernel has no spill-free launch (triton_tc.LAUNCH None: the write backward at NP = 64, the fp32
+    one at NP = 32, the fp32 write forward at NP = 64 and an unaligned d) its per-token form runs, as the host
+    functions decide."""
     from vwn_transform.kernels import triton_common, triton_tc as tc
 
     monkeypatch.setattr(triton_common, "PER_TOKEN_TC", set())
     assert triton_common.tc_batched_tokens(n) == 128 // triton_common.pow2(n) > 1
+    bf16 = dtype == torch.bfloat16
+    assert tc._tokens("dynamic_fwd", n, d, bf16) > 1  # the batched dynamic read forward runs in every case
+    # the batched write kernels wherever they have a launch (bf16: both up to NP = 32, the forward at NP = 64)
+    for key in ("write_fwd", "write_bwd"):
+        launch = tc.LAUNCH[(triton_common.pow2(n), bf16, triton_common.aligned(d))][f"{key}_batched"]
+        assert (tc._tokens(key, n, d, bf16) > 1) == (launch is not None), key
+        assert launch is not None or not bf16 or (key, triton_common.pow2(n)) == ("write_bwd", 64), key
     h, p = make_inputs(N, m, n, d, dtype, seed=61)
     g = torch.Generator().manual_seed(62)
     z = torch.randn(N, m, d, generator=g).to(DEVICE, dtype)
