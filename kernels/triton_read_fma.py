@@ -297,11 +297,13 @@ def configs(n: int, m: int, d: int) -> dict[str, dict]:
         "mix_fwd": dict(BT=interpreter_bt(max(1, 8 * 32 * 4 // bd_full)), BD=bd_full, num_warps=4, num_stages=1),
         # unaligned slot widths (scalar loads, triton_common.aligned): BD 128 spilled 324-328 B at (5, 7)
         "mix_bwd": walk(4, 128 if aligned(d) or 2 * n + m <= 16 else 64, 4),
-        "dynamic_fwd": walk(4, 256 if gates <= 24 else 128 if gates <= 48 else 64, 4),
+        # unaligned slot widths, above 48 gates: BD 64 spilled 136 B at (5, 5) and 784 B at (3, 7) ((2, 8), (4, 6)
+        # were clean), the state backward 152 B at (3, 7); BD 32 compiled clean at all four
+        "dynamic_fwd": walk(4, 256 if gates <= 24 else 128 if gates <= 48 else 64 if aligned(d) else 32, 4),
         # 8 warps: with 4, ptxas spilled 8-16 B at 72 registers at (2, 3) fp32, (4, 4) fp32 and (2, 8)
         # unaligned slot widths: BD 256 spilled 4 B at (4, 6) (84 gates; (2, 8) and (1, 8) were clean)
         "dynamic_bwd_coef": walk(8, 256 if aligned(d) or gates <= 48 else 128, 8),
-        "dynamic_bwd_state": walk(4, 128 if gates <= 24 else 64, 4),
+        "dynamic_bwd_state": walk(4, 128 if gates <= 24 else 64 if aligned(d) or gates <= 48 else 32, 4),
     }
 
 
