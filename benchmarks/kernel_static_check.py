@@ -186,9 +186,18 @@ def compile_with_timeout(spec: dict, timeout: float) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 def _slots(text: str) -> list[tuple[int, int]]:
+    """``"m,n;m,n"`` -> [(m, n), ...], each within the kernels' range (1 <= m <= 16, 1 <= n <= 64)."""
+    from vwn_transform.kernels.triton_common import MAX_M, MAX_N
+
     out = []
     for part in text.split(";"):
-        m, n = (int(x) for x in part.split(","))
+        try:
+            m, n = (int(x) for x in part.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected two integers 'm,n', e.g. '2,3;8,64'") from None
+        if not (1 <= m <= MAX_M and 1 <= n <= MAX_N):
+            raise argparse.ArgumentTypeError(f"(m, n) = ({m}, {n}): the kernels cover 1 <= m <= {MAX_M}, "
+                                             f"1 <= n <= {MAX_N}")
         out.append((m, n))
     return out
 
@@ -214,6 +223,9 @@ def main(argv=None) -> int:
     widths = args.D or widths
     dtypes = args.dtype or dtypes
     only = args.only or only
+    too_narrow = [(D, m) for D in widths for m, _ in slots if D < m]
+    if too_narrow:
+        ap.error(f"--D {too_narrow[0][0]} is narrower than m = {too_narrow[0][1]} slots (d = D/m must be >= 1)")
 
     rows, done = [], {}
     for m, n in slots:

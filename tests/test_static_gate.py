@@ -96,6 +96,15 @@ def test_gate_passes_at_an_unaligned_slot_width(tmp_path):
     assert triton_tc.configs(12, 3, 680)["dynamic_fwd"]["BD"] < triton_tc.configs(12, 3, 688)["dynamic_fwd"]["BD"]
 
 
+@pytest.mark.parametrize("args,message", [(["--slots", "0,3"], "(m, n) = (0, 3): the kernels cover 1 <= m <= 16"),
+                                          (["--slots", "2,65"], "1 <= n <= 64"),
+                                          (["--slots", "3"], "'3': expected two integers 'm,n'"),
+                                          (["--D", "4", "--slots", "8,64"], "--D 4 is narrower than m = 8")])
+def test_gate_refuses_bad_shapes(tmp_path, args, message):
+    proc, rows = run_gate(tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr and not rows, proc.stderr
+
+
 def test_every_tensor_core_kernel_has_a_launch_at_every_alignment():
     # LAUNCH holds None where no candidate compiled without spills; the other form of that kernel must run there
     from vwn_transform.kernels import triton_tc
