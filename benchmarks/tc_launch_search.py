@@ -77,6 +77,11 @@ def main(argv=None) -> int:
     ap.add_argument("--alignment", action="append", choices=sorted(WIDTHS), default=None)
     ap.add_argument("--key", action="append", default=None, help="only these LAUNCH keys")
     args = ap.parse_args(argv)
+    from vwn_transform.kernels import triton_tc
+
+    unknown = sorted(set(args.key or ()) - set(triton_tc.LAUNCH_KEYS))
+    if unknown:
+        ap.error(f"--key {unknown}: expected some of {list(triton_tc.LAUNCH_KEYS)}")
     missing = False
     print("LAUNCH = {")
     for alignment in args.alignment or sorted(WIDTHS):

@@ -54,14 +54,21 @@ def _rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
 
 
+def _table(np_: int, bf16: bool) -> dict:
+    """The launch table the host functions read at this script's slot width (D / m: aligned at D = 2048; --smoke's
+    d = 8 is not)."""
+    from vwn_transform.kernels import triton_common, triton_tc
+
+    return triton_tc.LAUNCH[(np_, bf16, triton_common.aligned(D // SHAPES[np_][0]))]
+
+
 @contextlib.contextmanager
 def _with_launch(np_, bf16, key, bd, warps):
     """Within: one launch candidate, and for the write and dynamic read the kernel the key names (the per-token
     ``write_fwd`` / ``write_bwd`` / ``dynamic_fwd`` or their ``*_batched`` versions) at this NP."""
     from vwn_transform.kernels import triton_common, triton_tc
 
-    # the table the host functions read at this script's slot width (aligned at D = 2048; --smoke's d = 8 is not)
-    table = triton_tc.LAUNCH[(np_, bf16, triton_common.aligned(D // SHAPES[np_][0]))]
+    table = _table(np_, bf16)
     old, per_token = table[key], set(triton_common.PER_TOKEN_TC)
     if key.endswith("_batched"):
         per_token.discard(np_)
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
     groups = [(np_, ops) for np_ in args.np or sorted(SHAPES) for ops in args.operands or ("bf16", "fp32")]
     t0 = time.time()
     # a batched kernel only where it has a launch (triton_tc.LAUNCH None: the per-token one runs there)
-    launched = lambda np_, ops, k: triton_tc.LAUNCH[(np_, ops == "bf16", True)][k] is not None  # noqa: E731
+    launched = lambda np_, ops, k: _table(np_, ops == "bf16")[k] is not None  # noqa: E731
     rows = check_all([(np_, ops, k) for np_, ops in groups for k in keys if launched(np_, ops, k)], args.timeout,
                      args.out)
     print(f"[tc_launch_time] check phase: {len(rows)} candidates in {time.time() - t0:.0f} s", flush=True)
@@ -247,7 +254,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for np_, ops in groups:
         for k in keys:
-            table = triton_tc.LAUNCH[(np_, ops == "bf16", True)][k]
+            table = _table(np_, ops == "bf16")[k]
             mine = [r for r in timed if (r["np"], r["operands"], r["key"]) == (np_, ops, k) and "ms" in r]
             cur = next((r["ms"] for r in mine if table and (r["bd"], r["warps"]) == tuple(table)), None)
             best = min(mine, key=lambda r: r["ms"], default=None)
